@@ -1,0 +1,27 @@
+"""ptv2_kernels: fused prefix attention for deep prefix tuning (P-Tuning v2) of encoder models.
+
+The prefix keys/values of every layer are read from a compact ``[H, P, D]`` buffer (or a
+``[T, H, P, D]`` bank) and never expanded over the batch or concatenated with the sequence.
+"""
+
+import os
+import sys
+
+
+def _use_triton_interpreter_without_gpu() -> None:
+    """On a machine without a CUDA GPU, compiled Triton cannot run at all, so import Triton in
+    interpreter mode (TRITON_INTERPRET=1) for ``backend="triton"`` on CPU tensors. Triton reads the
+    variable when its modules are imported, so this only helps if triton was not imported yet."""
+    import torch
+
+    if "triton" not in sys.modules and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_use_triton_interpreter_without_gpu()
+
+from .baselines import concat_prefix_attention  # noqa: E402
+from .ops.prefix_attention import prefix_attention  # noqa: E402
+
+__all__ = ["prefix_attention", "concat_prefix_attention"]
+__version__ = "0.1.0"

@@ -1,0 +1,61 @@
+"""The concatenation baseline: what P-Tuning v2 and PEFT do, kept for benchmarks and tests only.
+
+The prefix is expanded over the batch (``[B, H, P, D]`` per layer), dropped out per row, concatenated
+in front of the sequence keys/values and attended with an extended mask. This is the cost the fused
+kernels remove; users of the package never reach it through ``prefix_attention``.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .ops.common import prefix_rows
+
+
+def concat_prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    task_ids: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    prefix_dropout_p: float = 0.0,
+    impl: str = "sdpa",
+) -> torch.Tensor:
+    """Same arguments and result as :func:`ptv2_kernels.prefix_attention`, computed by concatenation.
+
+    ``impl="sdpa"`` uses ``torch.nn.functional.scaled_dot_product_attention`` with a boolean mask (as
+    transformers' ``sdpa`` attention does); ``impl="eager"`` computes scores, softmax and dropout in
+    PyTorch (transformers' ``eager`` attention, with -inf rather than a large negative for padding).
+    Dropout masks come from torch's global generator, so they differ from the fused kernels' masks.
+    """
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"impl must be 'sdpa' or 'eager', got {impl!r}")
+    batch, heads, seq, dim = q.shape
+    if prefix_k.dim() == 3:
+        prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
+    num_prefix = prefix_k.shape[2]
+    pk = prefix_rows(prefix_k, task_ids).expand(batch, heads, num_prefix, dim)
+    pv = prefix_rows(prefix_v, task_ids).expand(batch, heads, num_prefix, dim)
+    if prefix_dropout_p > 0:
+        pk = F.dropout(pk, prefix_dropout_p)
+        pv = F.dropout(pv, prefix_dropout_p)
+    keys = torch.cat([pk, k], dim=2)
+    values = torch.cat([pv, v], dim=2)
+    mask = None
+    if key_padding_mask is not None:
+        visible_prefix = key_padding_mask.new_ones(batch, num_prefix)
+        mask = torch.cat([visible_prefix, key_padding_mask], dim=1)[:, None, None, :]
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    scale = dim**-0.5 if scale is None else scale
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype), dropout_p)
+    return torch.matmul(probs, values)

@@ -1,0 +1,336 @@
+"""Triton kernels for fused prefix attention (SPEC §1).
+
+Every kernel reads the prefix keys/values straight from the compact buffer ``[T, H, P, D]`` (T = 1
+for a single prefix, the bank size otherwise; row ``b`` uses task ``task_ids[b]``) and never expands
+or concatenates it. Columns ``0 .. P-1`` of the attention are the prefix, ``P .. P+N-1`` the sequence.
+
+Layouts
+- q, k, v, out, d_out, dq, dk, dv: ``[B, H, N, D]`` with arbitrary batch/head/sequence strides and a
+  unit last stride (so views of transformers' ``[B, N, H, D]`` tensors are read in place).
+- prefix_k, prefix_v: contiguous ``[T, H, P, D]``; their gradients: float32 ``[T, H, P, D]``.
+- key padding mask: contiguous ``[B, N]`` uint8 (1 = real token).
+- lse, delta: float32 ``[B, H, N]``; ``lse`` is the row log-sum-exp in base 2 of the scaled scores,
+  ``+inf`` for a row with no visible column (its output is 0 and it contributes no gradient).
+
+Dropout RNG contract (shared with the CUDA backend; one 64-bit ``seed`` per call): a Philox4x32-10
+draw with key ``(seed & 0xffffffff, seed >> 32)`` and counter ``(c0, c1, c2, c3)``; the first output
+word ``r`` keeps the element iff ``(r >> 8) >= round(p * 2**24)``, and kept values are scaled by
+``1 / (1 - p)``.
+- attention probability of row ``b``, head ``h``, query ``i``, column ``c``: counter ``(c, i, b*H + h, 0)``
+- prefix key element ``(b, h, j, d)``: counter ``(d, j, b*H + h, 1)``; prefix value element: ``(d, j, b*H + h, 2)``
+"""
+
+import triton
+import triton.language as tl
+
+ATTN_STREAM = tl.constexpr(0)
+PREFIX_K_STREAM = tl.constexpr(1)
+PREFIX_V_STREAM = tl.constexpr(2)
+
+
+@triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr):
+    """a @ b with float32 accumulation; DOT_FP32 computes in exact float32 (fp32 inputs, and bf16
+    under the interpreter, whose bf16 ``tl.dot`` is broken)."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _keep(seed, c0, c1, bh, stream: tl.constexpr, threshold):
+    """Dropout keep-mask of the RNG contract for broadcastable non-negative int counters ``c0``, ``c1``
+    and the scalar ``bh`` (= b*H + h)."""
+    c0, c1 = tl.broadcast(c0, c1)
+    c0 = c0.to(tl.uint32)
+    c1 = c1.to(tl.uint32)
+    zero = c0 * 0
+    r, _, _, _ = tl.random.philox(seed, c0, c1, zero + bh.to(tl.uint32), zero + stream)
+    return (r >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _load_rows(ptr, rows, n_rows, stride_row, offs_d, D):
+    """Load a ``[len(rows), BLOCK_D]`` tile whose rows are ``stride_row`` apart; zero outside."""
+    mask = (rows[:, None] < n_rows) & (offs_d[None, :] < D)
+    return tl.load(ptr + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_prefix_tile(PK, PV, task, h, bh, offs_p, offs_d, H, P, D, seed, prefix_threshold, prefix_scale,
+                      PREFIX_DROPOUT: tl.constexpr):
+    """The prefix keys/values of rows ``offs_p`` for task ``task``, head ``h``, with batch row ``bh``'s
+    prefix-dropout mask applied (scaled by 1/(1-p)). Returns (keys, values, key keep, value keep)."""
+    base = (task.to(tl.int64) * H + h) * P * D
+    pk = _load_rows(PK + base, offs_p, P, D, offs_d, D)
+    pv = _load_rows(PV + base, offs_p, P, D, offs_d, D)
+    keep_k = offs_p[:, None] >= 0
+    keep_v = keep_k
+    if PREFIX_DROPOUT:
+        keep_k = _keep(seed, offs_d[None, :], offs_p[:, None], bh, PREFIX_K_STREAM, prefix_threshold)
+        keep_v = _keep(seed, offs_d[None, :], offs_p[:, None], bh, PREFIX_V_STREAM, prefix_threshold)
+        pk = tl.where(keep_k, pk * prefix_scale, 0.0).to(pk.dtype)
+        pv = tl.where(keep_v, pv * prefix_scale, 0.0).to(pv.dtype)
+    return pk, pv, keep_k, keep_v
+
+
+@triton.jit
+def _column_valid(Mask, b, offs_n, N, HAS_MASK: tl.constexpr):
+    """Which sequence columns ``offs_n`` of batch row ``b`` are real (in range and not padding)."""
+    valid = offs_n < N
+    if HAS_MASK:
+        valid &= tl.load(Mask + b.to(tl.int64) * N + offs_n, mask=offs_n < N, other=0) != 0
+    return valid
+
+
+@triton.jit
+def _fwd_block(q, k, v, col_valid, cols, rows, bh, m_i, l_i, acc, scale_log2, seed, threshold, drop_scale,
+               ATTN_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One online-softmax step of the forward over a tile of columns (prefix or sequence)."""
+    s = _dot(q, tl.trans(k), DOT_FP32) * scale_log2
+    s = tl.where(col_valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if ATTN_DROPOUT:
+        keep = _keep(seed, cols[None, :], rows[:, None], bh, ATTN_STREAM, threshold)
+        p = tl.where(keep, p * drop_scale, 0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def prefix_attention_fwd_kernel(
+    Q, K, V, PK, PV, TaskIds, Mask, Out, Lse,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+    H, N, P, D, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
+    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, ATTN_DROPOUT: tl.constexpr,
+    PREFIX_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (cdiv(N, BLOCK_M), B*H): one query tile against the prefix tiles, then the sequence tiles."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, rows, N, stride_qn, offs_d, D)
+    task = tl.load(TaskIds + b) if HAS_TASKS else b * 0
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, P, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        pk, pv, _, _ = _load_prefix_tile(PK, PV, task, h, bh, cols, offs_d, H, P, D, seed, prefix_threshold,
+                                         prefix_scale, PREFIX_DROPOUT)
+        m_i, l_i, acc = _fwd_block(q, pk, pv, cols < P, cols, rows, bh, m_i, l_i, acc, scale_log2, seed,
+                                   threshold, drop_scale, ATTN_DROPOUT, DOT_FP32)
+    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    for start in range(0, N, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, N, stride_kn, offs_d, D)
+        v = _load_rows(v_base, offs_n, N, stride_vn, offs_d, D)
+        valid = _column_valid(Mask, b, offs_n, N, HAS_MASK)
+        m_i, l_i, acc = _fwd_block(q, k, v, valid, P + offs_n, rows, bh, m_i, l_i, acc, scale_log2, seed,
+                                   threshold, drop_scale, ATTN_DROPOUT, DOT_FP32)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    row_ok = rows < N
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(Lse + bh.to(tl.int64) * N + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def prefix_attention_bwd_preprocess_kernel(
+    Out, DOut, Delta, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
+    H, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d out * d_out (the softmax-backward row term; unchanged by dropout)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(Out + b.to(tl.int64) * stride_ob + h * stride_oh, rows, N, stride_on, offs_d, D)
+    do = _load_rows(DOut + b.to(tl.int64) * stride_gb + h * stride_gh, rows, N, stride_gn, offs_d, D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * N + rows, delta, mask=rows < N)
+
+
+@triton.jit
+def _dq_block(q, do, k, v, lse, delta, col_valid, cols, rows, bh, dq, scale_log2, seed, threshold, drop_scale,
+              ATTN_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """dq contribution (before the softmax scale) of one tile of columns; ``[BLOCK_M, *]`` orientation."""
+    s = _dot(q, tl.trans(k), DOT_FP32) * scale_log2
+    p = tl.where(col_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), DOT_FP32)
+    if ATTN_DROPOUT:
+        keep = _keep(seed, cols[None, :], rows[:, None], bh, ATTN_STREAM, threshold)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, DOT_FP32)
+
+
+@triton.jit
+def prefix_attention_bwd_dq_kernel(
+    Q, K, V, PK, PV, TaskIds, Mask, DOut, Lse, Delta, DQ,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn,
+    stride_dqb, stride_dqh, stride_dqn,
+    H, N, P, D, scale, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
+    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, ATTN_DROPOUT: tl.constexpr,
+    PREFIX_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (cdiv(N, BLOCK_M), B*H): dq of one query tile, over the prefix tiles then the sequence tiles."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, rows, N, stride_qn, offs_d, D)
+    do = _load_rows(DOut + b.to(tl.int64) * stride_gb + h * stride_gh, rows, N, stride_gn, offs_d, D)
+    lse = tl.load(Lse + bh.to(tl.int64) * N + rows, mask=rows < N, other=float("inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
+    task = tl.load(TaskIds + b) if HAS_TASKS else b * 0
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, P, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        pk, pv, _, _ = _load_prefix_tile(PK, PV, task, h, bh, cols, offs_d, H, P, D, seed, prefix_threshold,
+                                         prefix_scale, PREFIX_DROPOUT)
+        dq = _dq_block(q, do, pk, pv, lse, delta, cols < P, cols, rows, bh, dq, scale_log2, seed, threshold,
+                       drop_scale, ATTN_DROPOUT, DOT_FP32)
+    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    for start in range(0, N, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, N, stride_kn, offs_d, D)
+        v = _load_rows(v_base, offs_n, N, stride_vn, offs_d, D)
+        valid = _column_valid(Mask, b, offs_n, N, HAS_MASK)
+        dq = _dq_block(q, do, k, v, lse, delta, valid, P + offs_n, rows, bh, dq, scale_log2, seed, threshold,
+                       drop_scale, ATTN_DROPOUT, DOT_FP32)
+
+    dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + rows[:, None].to(tl.int64) * stride_dqn + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < N) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dkdv_tile(Q, DOut, Lse, Delta, b, h, bh, k, v, col_valid, cols,
+               stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
+               N, D, scale_log2, seed, threshold, drop_scale,
+               ATTN_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dk (before the softmax scale) and dv of one tile of columns of batch row ``b``, head ``h``, summed
+    over all query tiles; ``[BLOCK_N, *]`` (transposed) orientation."""
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+    do_base = DOut + b.to(tl.int64) * stride_gb + h * stride_gh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, N, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, rows, N, stride_qn, offs_d, D)
+        do = _load_rows(do_base, rows, N, stride_gn, offs_d, D)
+        lse = tl.load(Lse + bh.to(tl.int64) * N + rows, mask=rows < N, other=float("inf"))
+        delta = tl.load(Delta + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
+        s_t = _dot(k, tl.trans(q), DOT_FP32) * scale_log2
+        p_t = tl.where(col_valid[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
+        dp_t = _dot(v, tl.trans(do), DOT_FP32)
+        pd_t = p_t
+        if ATTN_DROPOUT:
+            keep = _keep(seed, cols[:, None], rows[None, :], bh, ATTN_STREAM, threshold)
+            pd_t = tl.where(keep, p_t * drop_scale, 0.0)
+            dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
+        dv += _dot(pd_t.to(do.dtype), do, DOT_FP32)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, DOT_FP32)
+    return dk, dv
+
+
+@triton.jit
+def prefix_attention_bwd_dkdv_kernel(
+    Q, K, V, PK, PV, TaskIds, Mask, DOut, Lse, Delta, DK, DV, DPK, DPV,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    B, H, N, P, D, scale, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
+    PREFIX_BLOCKS,
+    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, ATTN_DROPOUT: tl.constexpr,
+    PREFIX_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Key/value gradients, one program per column tile.
+
+    Grid (PREFIX_BLOCKS + cdiv(N, BLOCK_N), B*H). Program ``j < PREFIX_BLOCKS`` handles prefix tile ``j``
+    and adds its (prefix-dropout-masked) gradient to the float32 ``DPK``/``DPV`` of its row's task with
+    atomics; the others write dk, dv of a sequence tile. With DETERMINISTIC the prefix programs instead
+    run on grid axis 1 = H only (launched separately, PREFIX_BLOCKS programs on axis 0) and each sums
+    over the batch rows in order, so the reduction is bitwise reproducible.
+    """
+    pid_n = tl.program_id(0)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < D
+    if pid_n < PREFIX_BLOCKS:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_valid = cols < P
+        if DETERMINISTIC:
+            h = tl.program_id(1)
+            b_first = 0
+            b_last = B
+        else:
+            h = tl.program_id(1) % H
+            b_first = tl.program_id(1) // H
+            b_last = b_first + 1
+        for b_index in range(b_first, b_last):
+            b = b_index + tl.zeros([], tl.int32)  # a tensor also when the loop yields Python ints
+            bh = b * H + h
+            task = tl.load(TaskIds + b) if HAS_TASKS else b * 0
+            pk, pv, keep_k, keep_v = _load_prefix_tile(PK, PV, task, h, bh, cols, offs_d, H, P, D, seed,
+                                                       prefix_threshold, prefix_scale, PREFIX_DROPOUT)
+            dk, dv = _dkdv_tile(Q, DOut, Lse, Delta, b, h, bh, pk, pv, col_valid, cols,
+                                stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
+                                N, D, scale_log2, seed, threshold, drop_scale,
+                                ATTN_DROPOUT, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
+            dk = dk * scale
+            if PREFIX_DROPOUT:
+                dk = tl.where(keep_k, dk * prefix_scale, 0.0)
+                dv = tl.where(keep_v, dv * prefix_scale, 0.0)
+            offs = (task.to(tl.int64) * H + h) * P * D + cols[:, None] * D + offs_d[None, :]
+            ok = col_valid[:, None] & d_ok
+            if DETERMINISTIC:
+                tl.store(DPK + offs, tl.load(DPK + offs, mask=ok, other=0.0) + dk, mask=ok)
+                tl.store(DPV + offs, tl.load(DPV + offs, mask=ok, other=0.0) + dv, mask=ok)
+            else:
+                tl.atomic_add(DPK + offs, dk, mask=ok)
+                tl.atomic_add(DPV + offs, dv, mask=ok)
+    else:
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        cols = (pid_n - PREFIX_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = _load_rows(K + b.to(tl.int64) * stride_kb + h * stride_kh, cols, N, stride_kn, offs_d, D)
+        v = _load_rows(V + b.to(tl.int64) * stride_vb + h * stride_vh, cols, N, stride_vn, offs_d, D)
+        valid = _column_valid(Mask, b, cols, N, HAS_MASK)
+        dk, dv = _dkdv_tile(Q, DOut, Lse, Delta, b, h, bh, k, v, valid, P + cols,
+                            stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
+                            N, D, scale_log2, seed, threshold, drop_scale,
+                            ATTN_DROPOUT, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
+        ok = (cols[:, None] < N) & d_ok
+        row = cols[:, None].to(tl.int64)
+        tl.store(DK + b.to(tl.int64) * stride_dkb + h * stride_dkh + row * stride_dkn + offs_d[None, :],
+                 (dk * scale).to(DK.dtype.element_ty), mask=ok)
+        tl.store(DV + b.to(tl.int64) * stride_dvb + h * stride_dvh + row * stride_dvn + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=ok)

@@ -1,0 +1,206 @@
+"""``prefix_attention``: the public op (SPEC §3). Validates every argument, normalises the prefix to a
+``[T, H, P, D]`` buffer, draws the dropout seed and dispatches to a backend."""
+
+import math
+from typing import Optional
+
+import torch
+
+from .common import Dropout, Options
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
+KERNEL_HEAD_DIMS = range(16, 129)
+
+
+def _check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(t.shape)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride in its last (head_dim) dimension, got strides "
+                             f"{tuple(t.stride())}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)} ([B, H, N, D]), got {tuple(t.shape)}")
+    batch, heads, seq, dim = q.shape
+    if batch == 0 or seq == 0 or heads == 0 or dim == 0:
+        raise ValueError(f"q must have non-empty B, H, N and D, got shape {tuple(q.shape)}")
+
+
+def _check_prefix(q, prefix_k, prefix_v):
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() not in (3, 4):
+            raise ValueError(f"{name} must be [H, P, D] or a bank [T, H, P, D], got shape {tuple(t.shape)}")
+    if prefix_v.shape != prefix_k.shape:
+        raise ValueError(f"prefix_v must have the shape of prefix_k {tuple(prefix_k.shape)}, got {tuple(prefix_v.shape)}")
+    heads, dim = q.shape[1], q.shape[3]
+    if prefix_k.shape[-3] != heads or prefix_k.shape[-1] != dim:
+        raise ValueError(f"prefix_k must be [H={heads}, P, D={dim}] (or [T, {heads}, P, {dim}]) to match q, "
+                         f"got shape {tuple(prefix_k.shape)}")
+    if prefix_k.dim() == 4 and prefix_k.shape[0] == 0:
+        raise ValueError("prefix_k is a bank with zero tasks ([T, H, P, D] with T = 0)")
+
+
+def _check_common(q, tensors, backend):
+    for name, t in tensors.items():
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all tensors must share one device")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: q, k, v, prefix_k and prefix_v "
+                            "must share one dtype (cast the prefix to the activations' dtype)")
+    allowed = TORCH_DTYPES if backend == "torch" else KERNEL_DTYPES
+    if q.dtype not in allowed:
+        raise TypeError(f"q has dtype {q.dtype}; backend={backend!r} supports {', '.join(map(str, allowed))}")
+    if backend != "torch" and q.shape[-1] not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"head_dim (last dim of q) must be in 16..128 for backend={backend!r}, got {q.shape[-1]}")
+
+
+def _check_mask(q, mask):
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = real token), got dtype {mask.dtype}")
+    if mask.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"key_padding_mask must be [B, N] = {(q.shape[0], q.shape[2])}, got {tuple(mask.shape)}")
+    if mask.device != q.device:
+        raise ValueError(f"key_padding_mask is on {mask.device} but q is on {q.device}")
+    return mask.contiguous()
+
+
+def _check_task_ids(q, prefix_k, task_ids):
+    is_bank = prefix_k.dim() == 4
+    if task_ids is None:
+        if is_bank:
+            raise ValueError(f"task_ids ([B] int64) is required with a prefix bank [T, H, P, D], got prefix_k "
+                             f"{tuple(prefix_k.shape)}")
+        return None
+    if not is_bank:
+        raise ValueError("task_ids was given but prefix_k is a single prefix [H, P, D]; pass a bank [T, H, P, D]")
+    if not isinstance(task_ids, torch.Tensor):
+        raise TypeError(f"task_ids must be a torch.Tensor, got {type(task_ids).__name__}")
+    if task_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"task_ids must be an int64 (or int32) tensor, got dtype {task_ids.dtype}")
+    if task_ids.shape != (q.shape[0],):
+        raise ValueError(f"task_ids must be [B] = [{q.shape[0]}], got shape {tuple(task_ids.shape)}")
+    if task_ids.device != q.device:
+        raise ValueError(f"task_ids is on {task_ids.device} but q is on {q.device}")
+    num_tasks = prefix_k.shape[0]
+    low, high = int(task_ids.min()), int(task_ids.max())
+    if low < 0 or high >= num_tasks:
+        raise ValueError(f"task_ids must lie in [0, {num_tasks}) for a bank of {num_tasks} tasks, got values in "
+                         f"[{low}, {high}]")
+    return task_ids.to(torch.int64).contiguous()
+
+
+def _check_probability(name, p):
+    if not isinstance(p, (int, float)) or isinstance(p, bool):
+        raise TypeError(f"{name} must be a float, got {type(p).__name__}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
+    return float(p)
+
+
+def _check_scale(scale, head_dim):
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite positive number, got {scale}")
+    return float(scale)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs: ``auto`` is triton on a GPU and torch on the CPU."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "cuda":
+        raise RuntimeError("backend='cuda' is not available: the CUDA kernels (csrc/) are not built in this "
+                           "version; use backend='triton' or 'torch'")
+    if backend == "triton" and device.type == "cpu":
+        from .triton_backend import interpreting
+
+        if not interpreting():
+            raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set "
+                               "TRITON_INTERPRET=1 before triton is imported (ptv2_kernels does this itself "
+                               "on machines without a GPU when it is imported first)")
+    return backend
+
+
+def _seed(dropout_p: float, prefix_dropout_p: float) -> int:
+    """A fresh 63-bit seed from torch's default CPU generator (so ``torch.manual_seed`` governs it)."""
+    if dropout_p == 0.0 and prefix_dropout_p == 0.0:
+        return 0
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    task_ids: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    prefix_dropout_p: float = 0.0,
+    backend: str = "auto",
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Attention of ``q`` over a learned prefix followed by the sequence, without concatenating them.
+
+    Args:
+        q, k, v: ``[B, H, N, D]``; any batch/head/sequence strides (views of transformers' ``[B, N, H, D]``
+            projections are read in place), unit last stride.
+        prefix_k, prefix_v: one layer's compact prefix ``[H, P, D]`` shared by every row, or a bank
+            ``[T, H, P, D]`` indexed per row by ``task_ids``. P may be 0.
+        key_padding_mask: ``[B, N]`` bool, True = real token. Prefix columns are always visible. A row
+            with no visible column at all (P = 0, fully padded) outputs zeros.
+        task_ids: ``[B]`` integer task of each row; required with (and only with) a bank.
+        scale: score scale, default ``1/sqrt(D)``.
+        dropout_p: attention-probability dropout, prefix columns included (pass 0 in eval).
+        prefix_dropout_p: P-Tuning v2 prefix dropout: an independent mask per batch row over the prefix
+            K/V elements, drawn in-kernel (no ``[B, H, P, D]`` tensor on the fused backends).
+        backend: ``"auto"`` (triton on a GPU, torch on the CPU), ``"triton"`` (on CPU tensors under
+            the Triton interpreter), ``"cuda"`` or ``"torch"`` (pure PyTorch, no concatenation).
+        deterministic: reduce the prefix gradients over the batch in a fixed order instead of with
+            atomics (also on when ``torch.use_deterministic_algorithms(True)``).
+
+    Returns:
+        ``[B, H, N, D]`` in q's dtype (fused backends store it as ``[B, N, H, D]`` underneath).
+        Differentiable in q, k, v, prefix_k and prefix_v; prefix gradients are summed over the rows
+        that used them (per task for a bank), accumulated in float32.
+    """
+    _check_qkv(q, k, v)
+    _check_prefix(q, prefix_k, prefix_v)
+    backend = resolve_backend(backend, q.device)
+    _check_common(q, {"k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}, backend)
+    mask = _check_mask(q, key_padding_mask)
+    task_ids = _check_task_ids(q, prefix_k, task_ids)
+    dropout_p = _check_probability("dropout_p", dropout_p)
+    prefix_dropout_p = _check_probability("prefix_dropout_p", prefix_dropout_p)
+    options = Options(
+        scale=_check_scale(scale, q.shape[-1]),
+        dropout=Dropout(dropout_p, prefix_dropout_p, _seed(dropout_p, prefix_dropout_p)),
+        deterministic=bool(deterministic) or torch.are_deterministic_algorithms_enabled(),
+    )
+    if prefix_k.dim() == 3:
+        prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
+    if backend == "torch":
+        from .torch_backend import torch_prefix_attention as run
+    else:
+        from .triton_backend import triton_prefix_attention as run
+        prefix_k, prefix_v = prefix_k.contiguous(), prefix_v.contiguous()
+    return run(q, k, v, prefix_k, prefix_v, mask, task_ids, options)

@@ -1,0 +1,150 @@
+"""Host side of the Triton backend: launches the kernels of ``kernels/prefix_attention_triton.py`` and
+wraps them in an autograd Function. Inputs arrive validated (``prefix_attention.py``)."""
+
+from typing import Optional
+
+import torch
+import triton
+
+from ..kernels import prefix_attention_triton as kernels
+from .common import Dropout, Options
+
+LOG2_E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """Whether the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernels.prefix_attention_fwd_kernel, InterpretedFunction)
+
+
+def _dropout_args(dropout: Dropout) -> dict:
+    """Kernel arguments of the RNG contract: keep iff ``(philox >> 8) >= round(p * 2**24)``."""
+    return dict(
+        seed=dropout.seed,
+        threshold=round(dropout.p * (1 << 24)),
+        drop_scale=1.0 / (1.0 - dropout.p),
+        prefix_threshold=round(dropout.prefix_p * (1 << 24)),
+        prefix_scale=1.0 / (1.0 - dropout.prefix_p),
+        ATTN_DROPOUT=dropout.p > 0,
+        PREFIX_DROPOUT=dropout.prefix_p > 0,
+    )
+
+
+def _tiling(q: torch.Tensor) -> dict:
+    """Tile sizes and the dot precision for this dtype/head_dim. The interpreter gets small tiles so
+    that CI's small shapes still span several tiles."""
+    interp = interpreting()
+    block = 32 if interp else 64
+    return dict(
+        BLOCK_M=block,
+        BLOCK_N=block,
+        BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
+        DOT_FP32=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16),
+    )
+
+
+def _strides(**tensors: torch.Tensor) -> dict:
+    """Kernel arguments ``stride_<name>b/h/n`` of ``[B, H, N, D]`` tensors passed by name."""
+    return {f"stride_{name}{axis}": s for name, t in tensors.items() for axis, s in zip("bhn", t.stride())}
+
+
+def _like_bnhd(q: torch.Tensor) -> torch.Tensor:
+    """An uninitialised ``[B, H, N, D]`` tensor stored as ``[B, N, H, D]`` (what transformers reshapes
+    back to hidden states without a copy)."""
+    batch, heads, seq, dim = q.shape
+    return q.new_empty(batch, seq, heads, dim).transpose(1, 2)
+
+
+def _common_args(q, prefix_k, mask, task_ids):
+    dummy = q.new_empty(0, dtype=torch.int64)
+    batch, heads, seq, dim = q.shape
+    return dict(
+        TaskIds=dummy if task_ids is None else task_ids,
+        Mask=dummy if mask is None else mask.view(torch.uint8),
+        H=heads, N=seq, P=prefix_k.shape[2], D=dim,
+        HAS_MASK=mask is not None, HAS_TASKS=task_ids is not None,
+    )
+
+
+def _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, options: Options):
+    batch, heads, seq, _ = q.shape
+    out = _like_bnhd(q)
+    lse = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)
+    tiling = _tiling(q)
+    grid = (triton.cdiv(seq, tiling["BLOCK_M"]), batch * heads)
+    kernels.prefix_attention_fwd_kernel[grid](
+        q, k, v, prefix_k, prefix_v, Out=out, Lse=lse, **_strides(q=q, k=k, v=v, o=out),
+        scale_log2=options.scale * LOG2_E, **_common_args(q, prefix_k, mask, task_ids),
+        **_dropout_args(options.dropout), **tiling,
+    )
+    return out, lse
+
+
+def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse, options: Options):
+    batch, heads, seq, dim = q.shape
+    num_prefix = prefix_k.shape[2]
+    tiling = _tiling(q)
+    common = _common_args(q, prefix_k, mask, task_ids)
+    dropout = _dropout_args(options.dropout)
+    scales = dict(scale=options.scale, scale_log2=options.scale * LOG2_E)
+
+    delta = torch.empty_like(lse)
+    rows_grid = (triton.cdiv(seq, tiling["BLOCK_M"]), batch * heads)
+    kernels.prefix_attention_bwd_preprocess_kernel[rows_grid](
+        out, d_out, delta, **_strides(o=out, g=d_out), H=heads, N=seq, D=dim,
+        BLOCK_M=tiling["BLOCK_M"], BLOCK_D=tiling["BLOCK_D"],
+    )
+    dq = _like_bnhd(q)
+    kernels.prefix_attention_bwd_dq_kernel[rows_grid](
+        q, k, v, prefix_k, prefix_v, DOut=d_out, Lse=lse, Delta=delta, DQ=dq,
+        **_strides(q=q, k=k, v=v, g=d_out, dq=dq), **scales, **common, **dropout, **tiling,
+    )
+
+    dk, dv = _like_bnhd(k), _like_bnhd(v)
+    dpk = torch.zeros(prefix_k.shape, device=q.device, dtype=torch.float32)
+    dpv = torch.zeros_like(dpk)
+    prefix_blocks = triton.cdiv(num_prefix, tiling["BLOCK_N"])
+    seq_blocks = triton.cdiv(seq, tiling["BLOCK_N"])
+
+    def launch_dkdv(grid, prefix_programs, deterministic):
+        kernels.prefix_attention_bwd_dkdv_kernel[grid](
+            q, k, v, prefix_k, prefix_v, DOut=d_out, Lse=lse, Delta=delta, DK=dk, DV=dv, DPK=dpk, DPV=dpv,
+            **_strides(q=q, k=k, v=v, g=d_out, dk=dk, dv=dv), B=batch, PREFIX_BLOCKS=prefix_programs,
+            DETERMINISTIC=deterministic, **scales, **common, **dropout, **tiling,
+        )
+
+    if options.deterministic:
+        launch_dkdv((seq_blocks, batch * heads), 0, False)
+        if prefix_blocks:
+            launch_dkdv((prefix_blocks, heads), prefix_blocks, True)
+    else:
+        launch_dkdv((prefix_blocks + seq_blocks, batch * heads), prefix_blocks, False)
+    return dq, dk, dv, dpk, dpv
+
+
+class TritonPrefixAttention(torch.autograd.Function):
+    """Inputs: q, k, v ``[B, H, N, D]`` (unit last stride); prefix_k, prefix_v contiguous
+    ``[T, H, P, D]``; bool mask ``[B, N]`` (contiguous) or None; task_ids ``[B]`` or None; :class:`Options`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, options: Options):
+        out, lse = _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, options)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse)
+        ctx.options = options
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse = ctx.saved_tensors
+        if d_out.stride(-1) != 1:
+            d_out = d_out.contiguous()
+        dq, dk, dv, dpk, dpv = _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse, ctx.options)
+        return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), None, None, None
+
+
+def triton_prefix_attention(q, k, v, prefix_k, prefix_v, mask: Optional[torch.Tensor],
+                            task_ids: Optional[torch.Tensor], options: Options) -> torch.Tensor:
+    """Validated entry point of the Triton backend (see :func:`ptv2_kernels.prefix_attention`)."""
+    return TritonPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, options)
