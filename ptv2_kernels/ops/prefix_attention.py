@@ -37,12 +37,12 @@ def _check_prefix(q, prefix_k, prefix_v):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() not in (3, 4):
             raise ValueError(f"{name} must be [H, P, D] or a bank [T, H, P, D], got shape {tuple(t.shape)}")
-    if prefix_v.shape != prefix_k.shape:
-        raise ValueError(f"prefix_v must have the shape of prefix_k {tuple(prefix_k.shape)}, got {tuple(prefix_v.shape)}")
     heads, dim = q.shape[1], q.shape[3]
     if prefix_k.shape[-3] != heads or prefix_k.shape[-1] != dim:
         raise ValueError(f"prefix_k must be [H={heads}, P, D={dim}] (or [T, {heads}, P, {dim}]) to match q, "
                          f"got shape {tuple(prefix_k.shape)}")
+    if prefix_v.shape != prefix_k.shape:
+        raise ValueError(f"prefix_v must have the shape of prefix_k {tuple(prefix_k.shape)}, got {tuple(prefix_v.shape)}")
     if prefix_k.dim() == 4 and prefix_k.shape[0] == 0:
         raise ValueError("prefix_k is a bank with zero tasks ([T, H, P, D] with T = 0)")
 

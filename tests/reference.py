@@ -1,0 +1,69 @@
+"""Independent float64 references for the tests: concatenation attention (SPEC §1) and the Philox4x32-10
+dropout-mask contract of the fused kernels, written from scratch in PyTorch integer arithmetic."""
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _mul_hi_lo(const: int, x: torch.Tensor):
+    """High and low 32-bit words of ``const * x`` for uint32 values held in int64 (split in 16-bit
+    halves so nothing overflows 63 bits)."""
+    lo_part = const * (x & 0xFFFF)
+    hi_part = const * (x >> 16)
+    lo = (((hi_part & 0xFFFF) << 16) + lo_part) & _MASK32
+    hi = (hi_part + (lo_part >> 16)) >> 16
+    return hi, lo
+
+
+def philox_word0(seed: int, c0, c1, c2, c3) -> torch.Tensor:
+    """First output word of Philox4x32-10 with key ``(seed lo, seed hi)`` and counters ``c0..c3``."""
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3)))
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    return c0
+
+
+def keep_mask(seed: int, p: float, c0, c1, c2, stream: int) -> torch.Tensor:
+    """Keep iff ``(word0 >> 8) >= round(p * 2**24)`` (the kernels' contract)."""
+    return (philox_word0(seed, c0, c1, c2, stream) >> 8) >= round(p * (1 << 24))
+
+
+def kernel_dropout_masks(seed, batch, heads, seq, num_prefix, dim, p, prefix_p):
+    """The fused kernels' masks: attention ``[B, H, N, P + N]`` (counter (c, i, b*H+h, 0)) and prefix
+    key/value ``[B, H, P, D]`` (counters (d, j, b*H+h, 1 or 2)); None where the rate is 0."""
+    bh = torch.arange(batch * heads).view(batch, heads, 1, 1)
+    attn = keep_mask(seed, p, torch.arange(num_prefix + seq).view(1, 1, 1, -1), torch.arange(seq).view(1, 1, -1, 1),
+                     bh, 0) if p > 0 else None
+    if prefix_p == 0:
+        return attn, None, None
+    d = torch.arange(dim).view(1, 1, 1, -1)
+    j = torch.arange(num_prefix).view(1, 1, -1, 1)
+    return attn, keep_mask(seed, prefix_p, d, j, bh, 1), keep_mask(seed, prefix_p, d, j, bh, 2)
+
+
+def reference_attention(q, k, v, prefix_k, prefix_v, mask=None, task_ids=None, scale=None,
+                        attn_keep=None, keep_k=None, keep_v=None, p=0.0, prefix_p=0.0):
+    """SPEC §1 by concatenation in float64. Rows with no visible column output 0. Differentiable."""
+    q, k, v, prefix_k, prefix_v = (t.double() for t in (q, k, v, prefix_k, prefix_v))
+    batch, heads, seq, dim = q.shape
+    pk = prefix_k[task_ids] if task_ids is not None else prefix_k.expand(batch, *prefix_k.shape)
+    pv = prefix_v[task_ids] if task_ids is not None else prefix_v.expand(batch, *prefix_v.shape)
+    if keep_k is not None:
+        pk = pk * keep_k / (1 - prefix_p)
+        pv = pv * keep_v / (1 - prefix_p)
+    keys, values = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+    scores = q @ keys.transpose(-1, -2) * (dim**-0.5 if scale is None else scale)
+    if mask is not None:
+        visible = torch.cat([torch.ones(batch, pk.shape[2], dtype=torch.bool), mask], 1)
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    if attn_keep is not None:
+        probs = probs * attn_keep / (1 - p)
+    return probs @ values
