@@ -56,14 +56,14 @@ def reference_attention(q, k, v, prefix_k, prefix_v, mask=None, task_ids=None, s
     pk = prefix_k[task_ids] if task_ids is not None else prefix_k.expand(batch, *prefix_k.shape)
     pv = prefix_v[task_ids] if task_ids is not None else prefix_v.expand(batch, *prefix_v.shape)
     if keep_k is not None:
-        pk = pk * keep_k / (1 - prefix_p)
-        pv = pv * keep_v / (1 - prefix_p)
+        pk = pk * keep_k.to(q.device) / (1 - prefix_p)
+        pv = pv * keep_v.to(q.device) / (1 - prefix_p)
     keys, values = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
     scores = q @ keys.transpose(-1, -2) * (dim**-0.5 if scale is None else scale)
     if mask is not None:
-        visible = torch.cat([torch.ones(batch, pk.shape[2], dtype=torch.bool), mask], 1)
+        visible = torch.cat([torch.ones(batch, pk.shape[2], dtype=torch.bool, device=q.device), mask], 1)
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, -1).nan_to_num(0.0)
     if attn_keep is not None:
-        probs = probs * attn_keep / (1 - p)
+        probs = probs * attn_keep.to(q.device) / (1 - p)
     return probs @ values

@@ -11,17 +11,20 @@ from ptv2_kernels.ops.torch_backend import TorchPrefixAttention
 from ptv2_kernels.ops.triton_backend import TritonPrefixAttention
 
 from .reference import kernel_dropout_masks, reference_attention
-from .test_prefix_attention import make_inputs, run_with_grads
+from .test_prefix_attention import DEVICE, make_inputs, run_with_grads
 
 
 def torch_backend_masks(seed, batch, heads, seq, num_prefix, dim, p, prefix_p):
     """The torch backend's documented draw order from ``torch.Generator().manual_seed(seed)``."""
-    gen = torch.Generator().manual_seed(seed)
-    attn = torch.rand(batch, heads, seq, num_prefix + seq, generator=gen) >= p if p > 0 else None
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def keep(shape, rate):
+        return torch.rand(shape, generator=gen, device=DEVICE) >= rate
+
+    attn = keep((batch, heads, seq, num_prefix + seq), p) if p > 0 else None
     if prefix_p == 0:
         return attn, None, None
-    return (attn, torch.rand(batch, heads, num_prefix, dim, generator=gen) >= prefix_p,
-            torch.rand(batch, heads, num_prefix, dim, generator=gen) >= prefix_p)
+    return attn, keep((batch, heads, num_prefix, dim), prefix_p), keep((batch, heads, num_prefix, dim), prefix_p)
 
 
 BACKENDS = {

@@ -4,6 +4,8 @@ all five gradients, over odd lengths, P = 0, P > N, padding, banks, strided inpu
 Criterion (FlashAttention's): the error vs float64 is at most 2x the error of the concatenation
 baseline run in the same dtype, plus a small absolute floor."""
 
+import os
+
 import pytest
 import torch
 
@@ -11,13 +13,15 @@ from ptv2_kernels import concat_prefix_attention, prefix_attention
 
 from .reference import reference_attention
 
+# CPU in CI (Triton in its interpreter); PTV2_TEST_DEVICE=cuda runs the same tests on a GPU.
+DEVICE = torch.device(os.environ.get("PTV2_TEST_DEVICE", "cpu"))
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 BACKENDS = ["torch", "triton"]
 
 
-def make_inputs(batch, heads, seq, num_prefix, dim, dtype, *, tasks=None, padded_rows=(), seed=0):
-    """Fresh random inputs ``[q, k, v, prefix_k, prefix_v], mask, task_ids, d_out``. ``padded_rows``
-    holds ``(row, length)`` pairs: that row is padded from ``length`` on (0 = fully padded)."""
+def make_inputs(batch, heads, seq, num_prefix, dim, dtype, *, tasks=None, padded_rows=(), seed=0, device=DEVICE):
+    """Fresh random inputs ``[q, k, v, prefix_k, prefix_v], mask, task_ids, d_out`` on ``device``.
+    ``padded_rows`` holds ``(row, length)`` pairs: that row is padded from ``length`` on (0 = fully padded)."""
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, heads, seq, dim, generator=gen) for _ in range(3))
     bank = () if tasks is None else (tasks,)
@@ -31,8 +35,9 @@ def make_inputs(batch, heads, seq, num_prefix, dim, dtype, *, tasks=None, padded
     # rows use tasks 0 .. T-2 in a shuffled, repeating order: the last task is never used
     task_ids = None if tasks is None else (torch.arange(batch) % max(1, tasks - 1)).flip(0)
     d_out = torch.randn(batch, heads, seq, dim, generator=gen)
-    tensors = [t.to(dtype) for t in (q, k, v, prefix_k, prefix_v)]
-    return tensors, mask, task_ids, d_out.to(dtype)
+    tensors = [t.to(device, dtype) for t in (q, k, v, prefix_k, prefix_v)]
+    mask, task_ids = (None if t is None else t.to(device) for t in (mask, task_ids))
+    return tensors, mask, task_ids, d_out.to(device, dtype)
 
 
 def max_abs(x):
@@ -133,7 +138,7 @@ def test_auto_backend_on_cpu_is_torch(monkeypatch):
     calls = []
     original = torch_backend.torch_prefix_attention
     monkeypatch.setattr(torch_backend, "torch_prefix_attention", lambda *a: calls.append(1) or original(*a))
-    tensors, mask, task_ids, _ = make_inputs(1, 1, 4, 2, 16, torch.float32)
+    tensors, mask, task_ids, _ = make_inputs(1, 1, 4, 2, 16, torch.float32, device="cpu")
     prefix_attention(*tensors)
     assert calls == [1]
 
@@ -149,3 +154,13 @@ def test_gradcheck_torch_backend_float64():
     for options in (plain, dropped):
         assert torch.autograd.gradcheck(
             lambda *t: TorchPrefixAttention.apply(*t, mask, task_ids, options), tensors)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="large shapes run on a GPU (PTV2_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seq,num_prefix,tasks", [(512, 128, None), (200, 64, 8), (128, 16, None)])
+def test_large_shapes_gpu(dtype, seq, num_prefix, tasks):
+    tensors, mask, task_ids, d_out = make_inputs(8, 12, seq, num_prefix, 64, dtype, tasks=tasks,
+                                                 padded_rows=((1, seq // 3), (5, 1)), seed=5)
+    assert_matches_reference("triton", tensors, mask, task_ids, d_out)

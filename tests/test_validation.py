@@ -5,6 +5,8 @@ import torch
 
 from ptv2_kernels import prefix_attention
 
+from .test_prefix_attention import DEVICE
+
 B, H, N, P, D = 2, 3, 5, 4, 16
 
 
@@ -66,8 +68,11 @@ CASES = [
 
 @pytest.mark.parametrize("tensors,kwargs,error,words", CASES, ids=[c[3][:40] for c in CASES])
 def test_bad_input(tensors, kwargs, error, words):
+    def on_device(x):
+        return x.to(DEVICE) if isinstance(x, torch.Tensor) else x
+
     with pytest.raises(error) as info:
-        prefix_attention(*tensors, **kwargs)
+        prefix_attention(*map(on_device, tensors), **{k: on_device(v) for k, v in kwargs.items()})
     assert words in str(info.value)
 
 
