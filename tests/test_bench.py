@@ -1,0 +1,103 @@
+"""Smoke tests of ``ptv2-bench`` on the CPU (``--quick`` shapes, trimmed further to keep the suite fast)."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ptv2_kernels.bench import cli, kernel
+
+HEADLINE = re.compile(r"^fused/concat: time (\d+\.\d\d|n/a)x, peak memory (\d+\.\d\d|n/a)x$")
+ROW_TYPES = {"bench": str, "provider": str, "model": str, "B": int, "H": int, "N": int, "P": int, "D": int,
+             "dtype": str, "ms": float, "peak_mb": (float, type(None)), "tflops": (float, type(None))}
+SMALL = ["--quick", "-B", "2", "-N", "64", "-P", "16", "8", "--no-progress"]
+
+
+def run_cli(args, tmp_path, capsys):
+    code = cli.main([*args, "--out", str(tmp_path)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    return code, lines, json.loads((tmp_path / "results.json").read_text())
+
+
+def check_schema(doc):
+    for key in ("device", "torch", "triton", "commit", "command"):
+        assert isinstance(doc[key], str) and doc[key]
+    assert doc["device"].startswith("cpu")
+    for row in doc["rows"]:
+        for key, types in ROW_TYPES.items():
+            assert isinstance(row[key], types), (key, row)
+        assert row["bench"] in ("kernel-fwd", "kernel-fwdbwd", "train-step", "serve")
+        assert row["ms"] > 0
+        assert row["tflops"] is None  # CPU: no roofline
+    for skip in doc["skipped"]:
+        assert skip["reason"]
+
+
+def test_kernel_mode(tmp_path, capsys):
+    code, lines, doc = run_cli([*SMALL, "--mode", "kernel"], tmp_path, capsys)
+    assert code == 0
+    check_schema(doc)
+    assert HEADLINE.match(lines[-1]), lines[-1]
+    benches = {(r["bench"], r["provider"]) for r in doc["rows"]}
+    for bench in kernel.BENCHES:
+        assert {(bench, "fused-torch"), (bench, "concat-sdpa"), (bench, "concat-eager")} <= benches
+    assert {(s["bench"], s["provider"]) for s in doc["skipped"]} >= {("kernel-fwd", "fused-cuda")}
+    assert {(r["N"], r["P"]) for r in doc["rows"]} == {(64, 16), (64, 8)}
+    assert all(r["max_err"] <= kernel.TOLERANCE[torch.float32] for r in doc["rows"])
+    assert doc["headline"]["case"]["fused"] == "fused-torch"
+    assert (tmp_path / "results.md").read_text().count("| kernel-fwd |") == 6
+
+
+@pytest.mark.parametrize("mode", ["train", "serve"])
+def test_model_modes(mode, tmp_path, capsys):
+    code, lines, doc = run_cli([*SMALL, "--mode", mode], tmp_path, capsys)
+    assert code == 0
+    check_schema(doc)
+    assert HEADLINE.match(lines[-1]), lines[-1]
+    bench = "train-step" if mode == "train" else "serve"
+    assert all(r["bench"] == bench for r in doc["rows"])
+    assert doc["rows"] or any(s["bench"] == bench for s in doc["skipped"])
+
+
+@pytest.mark.parametrize("provider", ["fused-torch", "concat-eager"])
+@pytest.mark.parametrize("bench", kernel.BENCHES)
+def test_providers_agree_on_benchmarked_inputs(provider, bench):
+    """Independent of the bench's own check: same inputs, same outputs and gradients as concat-sdpa."""
+    case = kernel.KernelCase("bert-base", 3, 2, 24, 5, 16, torch.float32, torch.device("cpu"))
+    backward = bench == "kernel-fwdbwd"
+    x = kernel.make_inputs(case, requires_grad=backward)
+    assert not x.mask.all()  # the padding path is exercised
+    call, checked = kernel.make_call(provider, x, backward)
+    got = checked(call())
+    assert len(got) == (6 if backward else 1)
+    assert kernel.max_error(got, kernel.reference_outputs(case, bench), x.mask) < 1e-5
+
+
+def test_error_is_detected():
+    case = kernel.KernelCase("bert-base", 2, 2, 16, 4, 16, torch.float32, torch.device("cpu"))
+    x = kernel.make_inputs(case, requires_grad=False)
+    ref = kernel.reference_outputs(case, "kernel-fwd")
+    assert kernel.max_error((ref[0] * 1.01,), ref, x.mask) > 1e-3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--providers", "fused-nope"], "unknown provider"),
+    (["-N", "0"], "positive integer"),
+    (["--model", "gpt2"], "invalid choice"),
+    (["--mode", "train", "-N", "500", "-P", "64"], "N + P must be at most 512"),
+])
+def test_bad_arguments(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args)
+    assert exc.value.code != 0
+    err = capsys.readouterr().err + str(exc.value.code)
+    assert message in err
+
+
+def test_module_entry_point_last_line():
+    out = subprocess.run([sys.executable, "-m", "ptv2_kernels.bench", *SMALL, "--providers", "fused-torch,concat-sdpa"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert HEADLINE.match(out.strip().splitlines()[-1])
