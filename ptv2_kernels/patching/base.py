@@ -1,0 +1,196 @@
+"""What every model family shares when it is patched: the per-forward :class:`PrefixCall`, the hooks that
+build it, backbone freezing, and the :class:`ModelFamily` interface a family module implements.
+
+How one forward of a patched model runs:
+1. a pre-hook on the patched (top-level) model pops ``task_ids`` and repeats them over multiple-choice
+   choices (their rows are flattened by the head);
+2. a pre-hook on the family's base model (``BertModel``, ...) evaluates the :class:`PrefixEncoder` once,
+   takes the 2D padding mask, checks ``task_ids``, and passes a :class:`PrefixCall` down as the keyword
+   argument ``ptv2_prefix_call``, which transformers 5 forwards through every layer to the self-attention
+   modules (so gradient checkpointing recomputes with the same call);
+3. each patched self-attention module (its instance ``forward`` replaced, the class untouched) attends
+   over its prefix slot with :func:`ptv2_kernels.prefix_attention`.
+"""
+
+import abc
+import inspect
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops.prefix_attention import prefix_attention
+from ..prefix_encoder import PrefixEncoder
+
+CALL_KWARG = "ptv2_prefix_call"
+ENCODER_ATTR = "prefix_encoder"
+STATE_ATTR = "_ptv2_patch_state"
+
+
+@dataclass(frozen=True)
+class PrefixCall:
+    """What the patched layers of one model forward read.
+
+    ``prefix``: the compact prefix ``[L', 2, H, P, D]`` or bank ``[T, L', 2, H, P, D]`` (evaluated once);
+    ``key_padding_mask``: ``[B, N]`` bool, True = real token (None: no padding); ``task_ids``: ``[B]``
+    int64 with a bank; ``prefix_dropout_p``: 0 in eval.
+    """
+
+    prefix: torch.Tensor
+    key_padding_mask: Optional[torch.Tensor]
+    task_ids: Optional[torch.Tensor]
+    prefix_dropout_p: float
+    backend: str
+
+    def attend(self, slot: int, q, k, v, **op_kwargs) -> torch.Tensor:
+        """``prefix_attention`` of ``q, k, v`` (``[B, H, N, D]``) over prefix row ``slot``, the prefix cast to
+        q's dtype. ``op_kwargs``: ``scale``, ``dropout_p``."""
+        layer = self.prefix[slot] if self.task_ids is None else self.prefix[:, slot]
+        layer = layer.to(q.dtype)
+        return prefix_attention(
+            q, k, v, layer.select(-4, 0), layer.select(-4, 1), key_padding_mask=self.key_padding_mask,
+            task_ids=self.task_ids, prefix_dropout_p=self.prefix_dropout_p, backend=self.backend, **op_kwargs,
+        )
+
+
+def take_call(kwargs: dict) -> PrefixCall:
+    """Pop the :class:`PrefixCall` a patched attention module was given; RuntimeError if it is missing."""
+    call = kwargs.pop(CALL_KWARG, None)
+    if call is None:
+        raise RuntimeError("a patched self-attention module was called outside a forward of its patched model "
+                           f"(no {CALL_KWARG!r} argument); call the model, or unpatch_model it first")
+    return call
+
+
+class ModelFamily(abc.ABC):
+    """How one transformers model family is patched; ``patching/__init__.py`` keeps the registered ones."""
+
+    name: str
+
+    @abc.abstractmethod
+    def base_model_classes(self) -> tuple:
+        """The base model classes (``BertModel``, ...) this family patches, any task head around them."""
+
+    @abc.abstractmethod
+    def self_attention_modules(self, base_model: nn.Module) -> list:
+        """One self-attention module per layer, in layer order; RuntimeError if the layout is unexpected."""
+
+    @abc.abstractmethod
+    def patched_forward(self, module: nn.Module, slot: int):
+        """The replacement ``forward`` of ``module`` (prefix row ``slot``); it reads the call with
+        :func:`take_call` and must return what the original ``forward`` returns."""
+
+    def check_config(self, config) -> None:
+        """Raise ValueError for configurations the family cannot patch."""
+
+    def input_hooks(self, base_model: nn.Module, prefix_len: int) -> list:
+        """Hooks (removable handles) that adapt the model's inputs to a prefix (e.g. shift positions)."""
+        return []
+
+
+@dataclass
+class PatchState:
+    """Everything ``unpatch_model`` undoes. ``pending_task_ids``: set by the top-level pre-hook, consumed by
+    the base-model pre-hook within the same forward."""
+
+    encoder: PrefixEncoder
+    family: ModelFamily
+    backend: str
+    modules: list
+    handles: list
+    requires_grad: list = field(default_factory=list)
+    pending_task_ids: Optional[torch.Tensor] = None
+
+
+def bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """``module.forward``'s arguments by name (edit ``.arguments``, then call with ``.args, .kwargs``)."""
+    return inspect.signature(module.forward).bind_partial(*args, **kwargs)
+
+
+def _examples(bound: inspect.BoundArguments) -> tuple:
+    """The example dimensions of the call: ``[B]``, or ``[B, C]`` for multiple choice."""
+    input_ids, embeds = bound.arguments.get("input_ids"), bound.arguments.get("inputs_embeds")
+    if input_ids is not None:
+        return tuple(input_ids.shape[:-1])
+    if embeds is not None:
+        return tuple(embeds.shape[:-2])
+    raise ValueError("the patched model needs input_ids or inputs_embeds")
+
+
+def take_task_ids_hook(state: PatchState):
+    """Top-level pre-hook: pop ``task_ids`` (``[B]``, one per example) and repeat it over the flattened rows
+    of each example (the choices of a multiple-choice head)."""
+
+    def hook(model, args, kwargs):
+        task_ids = kwargs.pop("task_ids", None)
+        if task_ids is not None:
+            if not isinstance(task_ids, torch.Tensor):
+                raise TypeError(f"task_ids must be a [B] int64 tensor, got {type(task_ids).__name__}")
+            examples = _examples(bound_arguments(model, args, kwargs))
+            if tuple(task_ids.shape) != examples[:1]:
+                raise ValueError(f"task_ids must have one entry per example, shape {list(examples[:1])}, "
+                                 f"got {list(task_ids.shape)}")
+            rows_per_example = int(torch.tensor(examples[1:], dtype=torch.int64).prod())
+            task_ids = task_ids.repeat_interleave(rows_per_example)
+        state.pending_task_ids = task_ids
+        return args, kwargs
+
+    return hook
+
+
+def clear_task_ids_hook(state: PatchState):
+    """Top-level post-hook (runs even when the forward raised): forget this forward's ``task_ids``."""
+
+    def hook(model, args, kwargs, output):
+        state.pending_task_ids = None
+
+    return hook
+
+
+def _check_task_ids(task_ids: Optional[torch.Tensor], num_tasks: int, batch: int) -> Optional[torch.Tensor]:
+    if num_tasks == 1:
+        if task_ids is not None:
+            raise ValueError("task_ids was given but the model was patched with num_tasks=1 (no prefix bank)")
+        return None
+    if task_ids is None:
+        raise ValueError(f"task_ids is required: the model was patched with num_tasks={num_tasks}; call "
+                         "model(..., task_ids=<[B] int64 tensor>)")
+    if task_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"task_ids must be an integer tensor, got dtype {task_ids.dtype}")
+    if tuple(task_ids.shape) != (batch,):
+        raise ValueError(f"task_ids must be [B] = [{batch}], got shape {list(task_ids.shape)}")
+    low, high = int(task_ids.min()), int(task_ids.max())
+    if low < 0 or high >= num_tasks:
+        raise ValueError(f"task_ids must lie in [0, {num_tasks}) (num_tasks={num_tasks}), got values in "
+                         f"[{low}, {high}]")
+    return task_ids.long()
+
+
+def start_call_hook(state: PatchState):
+    """Base-model pre-hook: build this forward's :class:`PrefixCall` and pass it down as a keyword."""
+
+    def hook(base_model, args, kwargs):
+        bound = bound_arguments(base_model, args, kwargs)
+        if bound.arguments.get("past_key_values") is not None:
+            raise ValueError("a patched model reads its prefix from the PrefixEncoder; past_key_values must be None")
+        examples = _examples(bound)
+        mask = bound.arguments.get("attention_mask")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != examples[0]:
+                raise ValueError("attention_mask of a patched model must be a 2D [B, N] padding mask (1 = real "
+                                 f"token), got {getattr(mask, 'shape', type(mask).__name__)}")
+            mask = mask.bool()
+        task_ids = kwargs.pop("task_ids", None)
+        task_ids = state.pending_task_ids if task_ids is None else task_ids
+        encoder = state.encoder
+        kwargs[CALL_KWARG] = PrefixCall(
+            prefix=encoder(),
+            key_padding_mask=mask,
+            task_ids=_check_task_ids(task_ids, encoder.config.num_tasks, examples[0]),
+            prefix_dropout_p=encoder.config.prefix_dropout if encoder.training else 0.0,
+            backend=state.backend,
+        )
+        return args, kwargs
+
+    return hook

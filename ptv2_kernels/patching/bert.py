@@ -1,0 +1,99 @@
+"""BERT and RoBERTa (transformers 5 ``modeling_bert`` / ``modeling_roberta``), SPEC §2.
+
+- Self-attention: the module's own ``query``/``key``/``value`` projections (biases included), then
+  :func:`ptv2_kernels.prefix_attention` over the layer's prefix (no bias on the prefix), scale
+  ``1/sqrt(D)``, attention dropout ``attention_probs_dropout_prob`` in training.
+- Positions shift by P as transformers does for ``past_key_values`` of length P: the embeddings are
+  called with ``past_key_values_length`` increased by P, so BERT uses ``P … P+N-1`` and RoBERTa gives
+  non-pad tokens ``padding_idx + P + cumsum`` (with ``inputs_embeds`` RoBERTa numbers positions without
+  the shift, as transformers and PEFT do). Explicit ``position_ids`` are used as given.
+"""
+
+import functools
+
+from torch import nn
+
+from .base import ModelFamily, bound_arguments, take_call
+
+
+def _self_attention_forward(module: nn.Module, slot: int, hidden_states, attention_mask=None, past_key_values=None,
+                            **kwargs):
+    """``BertSelfAttention.forward`` with the prefix joined in the kernel. transformers' ``attention_mask``
+    (4D, in the format of ``config._attn_implementation``) is not used: the call carries the 2D padding mask."""
+    call = take_call(kwargs)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, module.attention_head_size)
+    q, k, v = (proj(hidden_states).view(hidden_shape).transpose(1, 2) for proj in (module.query, module.key, module.value))
+    dropout_p = module.dropout.p if module.training else 0.0
+    out = call.attend(slot, q, k, v, scale=module.scaling, dropout_p=dropout_p)
+    return out.transpose(1, 2).reshape(*input_shape, -1), None
+
+
+def _position_hook(prefix_len: int, first_position: int, max_positions: int):
+    """Embeddings pre-hook: check ``first_position + P + N <= max_position_embeddings`` (before any kernel
+    runs) and shift positions by P through ``past_key_values_length``."""
+
+    def hook(embeddings, args, kwargs):
+        bound = bound_arguments(embeddings, args, kwargs)
+        arguments = bound.arguments
+        if arguments.get("position_ids") is None:
+            inputs = arguments.get("input_ids")
+            length = (inputs if inputs is not None else arguments["inputs_embeds"]).shape[1]
+            if first_position + prefix_len + length > max_positions:
+                raise ValueError(
+                    f"sequence length N={length} with prefix_len P={prefix_len} needs position ids up to "
+                    f"{first_position + prefix_len + length - 1}, but max_position_embeddings is {max_positions}: "
+                    f"use N <= {max_positions - first_position - prefix_len}")
+        arguments["past_key_values_length"] = arguments.get("past_key_values_length", 0) + prefix_len
+        return bound.args, bound.kwargs
+
+    return hook
+
+
+class _BertLike(ModelFamily):
+    """BERT layout: ``base.encoder.layer[i].attention.self``, absolute positions in ``base.embeddings``."""
+
+    def __init__(self, name: str, module_path: str, base_class: str, attention_class: str,
+                 positions_after_padding_idx: bool):
+        self.name = name
+        self._positions_after_padding_idx = positions_after_padding_idx
+        self._module_path = module_path
+        self._base_class = base_class
+        self._attention_class = attention_class
+
+    def _module(self):
+        import importlib
+
+        return importlib.import_module(self._module_path)
+
+    def base_model_classes(self) -> tuple:
+        return (getattr(self._module(), self._base_class),)
+
+    def check_config(self, config) -> None:
+        if config.is_decoder or config.add_cross_attention:
+            raise ValueError(f"patch_model supports {self.name} as a bidirectional encoder; got config.is_decoder="
+                             f"{config.is_decoder}, config.add_cross_attention={config.add_cross_attention}")
+
+    def self_attention_modules(self, base_model: nn.Module) -> list:
+        attention_class = getattr(self._module(), self._attention_class)
+        modules = [layer.attention.self for layer in base_model.encoder.layer]
+        for module in modules:
+            if type(module) is not attention_class:
+                raise RuntimeError(f"expected {self._attention_class} self-attention modules in {self.name}, found "
+                                   f"{type(module).__name__}: this transformers version is not supported")
+        return modules
+
+    def patched_forward(self, module: nn.Module, slot: int):
+        return functools.partial(_self_attention_forward, module, slot)
+
+    def input_hooks(self, base_model: nn.Module, prefix_len: int) -> list:
+        embeddings = base_model.embeddings
+        first_position = embeddings.padding_idx + 1 if self._positions_after_padding_idx else 0
+        hook = _position_hook(prefix_len, first_position, embeddings.position_embeddings.num_embeddings)
+        return [embeddings.register_forward_pre_hook(hook, with_kwargs=True)]
+
+
+BERT = _BertLike("bert", "transformers.models.bert.modeling_bert", "BertModel", "BertSelfAttention",
+                 positions_after_padding_idx=False)
+ROBERTA = _BertLike("roberta", "transformers.models.roberta.modeling_roberta", "RobertaModel", "RobertaSelfAttention",
+                    positions_after_padding_idx=True)
