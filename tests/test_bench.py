@@ -12,7 +12,7 @@ from ptv2_kernels.bench import cli, kernel
 
 HEADLINE = re.compile(r"^fused/concat: time (\d+\.\d\d|n/a)x, peak memory (\d+\.\d\d|n/a)x$")
 ROW_TYPES = {"bench": str, "provider": str, "model": str, "B": int, "H": int, "N": int, "P": int, "D": int,
-             "dtype": str, "ms": float, "peak_mb": (float, type(None)), "tflops": (float, type(None))}
+             "dtype": str, "ms": float, "seq_per_s": float, "peak_mb": (float, type(None)), "tflops": (float, type(None))}
 SMALL = ["--quick", "-B", "2", "-N", "64", "-P", "16", "8", "--no-progress"]
 
 
@@ -59,7 +59,10 @@ def test_model_modes(mode, tmp_path, capsys):
     assert HEADLINE.match(lines[-1]), lines[-1]
     bench = "train-step" if mode == "train" else "serve"
     assert all(r["bench"] == bench for r in doc["rows"])
-    assert doc["rows"] or any(s["bench"] == bench for s in doc["skipped"])
+    assert "peft" in {r["provider"] for r in doc["rows"]}
+    assert all(r["max_err"] <= 1e-3 for r in doc["rows"])  # fused models (once patch_model exists) match PEFT
+    skipped_fused = {s["provider"] for s in doc["skipped"] if s["provider"].startswith("fused-")}
+    assert {r["provider"] for r in doc["rows"]} | skipped_fused >= {"fused-torch", "peft"}
 
 
 @pytest.mark.parametrize("provider", ["fused-torch", "concat-eager"])

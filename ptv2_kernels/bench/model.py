@@ -1,15 +1,150 @@
-"""``train`` and ``serve`` modes: whole models patched with :func:`ptv2_kernels.patch_model` vs PEFT
-prefix tuning vs the concatenation baseline."""
+"""``train`` and ``serve`` modes: a whole sequence-classification model with random weights, patched
+with :func:`ptv2_kernels.patch_model` (``fused-*`` providers) or wrapped by PEFT 0.21 prefix tuning
+(``peft``: the concatenation through a ``DynamicCache`` that users run today, sdpa attention).
+
+``train-step``: forward, backward and an AdamW step on the trainable parameters (prefix and head).
+``serve``: one inference forward; throughput is ``1000·B/ms`` sequences/s. Dropout is off in the
+configs so every provider computes the same function: the fused models get PEFT's prefix values and
+their loss (train) or logits (serve) are checked against PEFT's.
+"""
+
+import torch
+
+from . import kernel, measure
+from .configs import MODEL_CONFIGS, heads_and_dim
 
 PROVIDERS = ("peft",)
+REFERENCE = "peft"
+QUICK_LAYERS = 2
+
+
+def _patch_model():
+    """``ptv2_kernels.patch_model``, or None while this version of the package lacks it."""
+    try:
+        from .. import patch_model
+    except ImportError:
+        return None
+    return patch_model
+
+
+def skip_reason(provider: str, model_name: str, device: torch.device):
+    """Why ``provider`` cannot run a model bench of ``model_name`` here (None if it can)."""
+    if provider == "peft":
+        if MODEL_CONFIGS[model_name]["model_type"].startswith("deberta"):
+            return "PEFT 0.21 prefix tuning refuses DeBERTa (no past_key_values support)"
+        return None
+    if _patch_model() is None:
+        return "needs ptv2_kernels.patch_model (SPEC §3), not in this version of the package"
+    return kernel.skip_reason(provider, "kernel-fwd", device)
+
+
+def build_model(model_name: str, quick: bool, device, dtype):
+    """The embedded config (``QUICK_LAYERS`` layers with ``quick``), dropout off, seeded random weights."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    cfg = dict(MODEL_CONFIGS[model_name])
+    model_type = cfg.pop("model_type")
+    if quick:
+        cfg["num_hidden_layers"] = QUICK_LAYERS
+    config = AutoConfig.for_model(model_type, **cfg, num_labels=2, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+    return model.to(device, dtype)
+
+
+def _peft(model, prefix_len: int):
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+    return get_peft_model(model, PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=prefix_len))
+
+
+def peft_prefix(peft_model) -> torch.Tensor:
+    """PEFT's ``prompt_embeddings`` ``[P, 2·L·hidden]`` as the SPEC's compact ``[L, 2, H, P, D]`` buffer
+    (PEFT views it as ``[P, 2L, H, D]``, layer l's keys at 2l and values at 2l + 1)."""
+    weight = peft_model.prompt_encoder["default"].embedding.weight
+    cfg = peft_model.config
+    heads = cfg.num_attention_heads
+    layers, dim = cfg.num_hidden_layers, cfg.hidden_size // heads
+    return weight.detach().view(weight.shape[0], layers, 2, heads, dim).permute(1, 2, 3, 0, 4)
+
+
+def make_batch(config, batch: int, seq: int, device, labels: bool):
+    """Seeded token ids with the kernel mode's padding pattern (row b keeps ``N - (b % 4)·N/8`` tokens)."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, config.vocab_size, (batch, seq), generator=gen)
+    lengths = seq - (torch.arange(batch) % 4) * (seq // 8)
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    ids = ids.masked_fill(mask == 0, config.pad_token_id or 0)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if labels:
+        out["labels"] = torch.arange(batch) % 2
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def prepare(provider: str, model_name: str, prefix_len: int, quick: bool, device, dtype):
+    """The model of ``provider``; fused ones get the prefix PEFT would start from (same seed)."""
+    model = build_model(model_name, quick, device, dtype)
+    reference = _peft(build_model(model_name, quick, device, dtype), prefix_len)
+    if provider == "peft":
+        return reference
+    encoder = _patch_model()(model, prefix_len, backend=kernel.FUSED_BACKENDS[provider])
+    with torch.no_grad():
+        encoder.prefix.copy_(peft_prefix(reference))
+    return model
+
+
+def make_call(model, mode: str, batch):
+    """The timed call: a training step (returns the loss) or an inference forward (returns the logits)."""
+    if mode == "serve":
+        model.eval()
+
+        def serve():
+            with torch.inference_mode():
+                return model(**batch).logits
+
+        return serve
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step():
+        out = model(**batch)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+    return step
 
 
 def run(mode, model_name, sizes, dtype, device, providers, progress, quick):
-    """Rows and skipped entries of ``mode`` ("train" or "serve")."""
+    """Rows and skipped entries of ``mode`` ("train" or "serve") at the headline (N, P) of ``sizes``."""
+    from .report import make_row
+
     bench = "train-step" if mode == "train" else "serve"
-    try:
-        from .. import patch_model  # noqa: F401
-    except ImportError:
-        reason = "needs ptv2_kernels.patch_model (SPEC §3), not in this version of the package"
-        return [], [{"bench": bench, "provider": "all", "reason": reason}]
-    raise NotImplementedError
+    selected = [p for p in (*kernel.FUSED_BACKENDS, *PROVIDERS) if p in providers]
+    skipped = [{"bench": bench, "provider": p, "reason": skip_reason(p, model_name, device)}
+               for p in selected if skip_reason(p, model_name, device)]
+    runnable = sorted((p for p in selected if not skip_reason(p, model_name, device)), key=lambda p: p != REFERENCE)
+    if mode == "serve" and runnable:
+        skipped.append({"bench": bench, "provider": "fused-* (16 tasks)",
+                        "reason": "mixed-task batch not benchmarked yet: needs patch_model's num_tasks bank and "
+                                  "its task_ids forward API"})
+    progress.extend(len(runnable))
+    seq, prefix_len = sizes.seq_lens[0], sizes.prefix_lens[0]
+    heads, dim = heads_and_dim(model_name)
+    rows, reference = [], None
+    for provider in runnable:
+        progress.step(f"{bench} {provider} N={seq} P={prefix_len}")
+        model = prepare(provider, model_name, prefix_len, quick, device, dtype)
+        call = make_call(model, mode, make_batch(model.config, sizes.batch, seq, device, labels=mode == "train"))
+        first = call().float()  # before any optimizer step: comparable across providers
+        ms = measure.time_ms(call, device, sizes.warmup, sizes.repeats)
+        _, peak = measure.peak_mb(call, device)
+        if provider == REFERENCE:
+            reference = first
+        err = None if reference is None else float((first - reference).abs().max()) / max(float(reference.abs().max()), 1e-6)
+        rows.append(make_row(bench, provider, model_name, sizes.batch, heads, seq, prefix_len, dim, dtype,
+                             ms=ms, peak_mb=peak, max_err=err))
+        del model, call
+    return rows, skipped
