@@ -1,10 +1,12 @@
 """Pure-PyTorch prefix attention: the readable statement of SPEC §1 and the CPU default.
 
-The prefix and the sequence are scored as two blocks that share one softmax (one log-sum-exp over
-both); a shared prefix ``[H, P, D]`` is broadcast through ``einsum`` (which folds the batch into the
-matrix rows), never expanded or concatenated. Like the fused kernels, the forward keeps only the
-inputs, the output and the row log-sum-exp, and the backward recomputes the probabilities, so no
-``[B, H, N, N + P]`` tensor outlives a call.
+The prefix and the sequence are scored as two blocks, ``q @ prefix_k^T`` ``[B, H, N, P]`` and
+``q @ k^T`` ``[B, H, N, N]``, laid side by side for one softmax; the probabilities are then split
+again and multiplied with ``prefix_v`` and ``v`` separately. The keys and values themselves are never
+concatenated, and a shared prefix ``[H, P, D]`` is broadcast through ``einsum`` (which folds the batch
+into the matrix rows) instead of being expanded. Like the fused kernels, the forward keeps only the
+inputs and the output and the backward recomputes the probabilities, so no ``[B, H, N, P + N]`` tensor
+outlives a call.
 
 Dropout masks come from a ``torch.Generator`` seeded with the call's seed, drawn in a fixed order
 (attention ``[B, H, N, P + N]``, then prefix keys and prefix values ``[B, H, P, D]``) and regenerated
@@ -24,7 +26,7 @@ def _prefix_matmul(x: torch.Tensor, prefix: torch.Tensor, transpose: bool) -> to
     """``x @ prefix^T`` (``transpose``) or ``x @ prefix`` for ``x`` ``[B, H, N, *]`` and a shared
     ``[H, P, D]`` or per-row ``[B, H, P, D]`` prefix."""
     lhs = "bhnd" if transpose else "bhnp"
-    rhs = ("bhpd" if prefix.dim() == 4 else "hpd")
+    rhs = "bhpd" if prefix.dim() == 4 else "hpd"
     out = "bhnp" if transpose else "bhnd"
     return torch.einsum(f"{lhs},{rhs}->{out}", x, prefix)
 
@@ -34,9 +36,19 @@ def _prefix_grad(ds: torch.Tensor, x: torch.Tensor, per_row: bool) -> torch.Tens
     return torch.einsum("bhnp,bhnd->" + ("bhpd" if per_row else "hpd"), ds, x)
 
 
+def _drop(x: torch.Tensor, keep: Optional[torch.Tensor], p: float) -> torch.Tensor:
+    """Inverted dropout with a given keep mask (None: no dropout)."""
+    return x if keep is None else x * keep / (1.0 - p)
+
+
+def _upcast(*tensors):
+    """Half precision to float32; float32/float64 unchanged."""
+    return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+
+
 def _dropout_masks(q: torch.Tensor, num_prefix: int, dropout: Dropout):
-    """(attention keep ``[B, H, N, P + N]`` or None, prefix key keep, prefix value keep ``[B, H, P, D]``
-    or None), regenerated identically from ``dropout.seed``."""
+    """(attention keep ``[B, H, N, P + N]``, prefix key keep, prefix value keep ``[B, H, P, D]``), each
+    None when its rate is 0, regenerated identically from ``dropout.seed``."""
     if not dropout.active:
         return None, None, None
     batch, heads, seq, dim = q.shape
@@ -47,67 +59,117 @@ def _dropout_masks(q: torch.Tensor, num_prefix: int, dropout: Dropout):
         return torch.rand(shape, generator=gen, device=q.device) >= p
 
     attn = keep((batch, heads, seq, num_prefix + seq), dropout.p) if dropout.p > 0 else None
-    if dropout.prefix_p > 0:
-        shape = (batch, heads, num_prefix, dim)
-        return attn, keep(shape, dropout.prefix_p), keep(shape, dropout.prefix_p)
-    return attn, None, None
+    if dropout.prefix_p == 0:
+        return attn, None, None
+    shape = (batch, heads, num_prefix, dim)
+    return attn, keep(shape, dropout.prefix_p), keep(shape, dropout.prefix_p)
 
 
-def _apply_prefix_dropout(rows: torch.Tensor, keep: Optional[torch.Tensor], p: float, batch: int) -> torch.Tensor:
-    """Per-row dropout of the prefix rows (a shared ``[H, P, D]`` prefix becomes ``[B, H, P, D]``)."""
-    return rows if keep is None else _drop(rows.expand(batch, *rows.shape[-3:]), keep, p)
+class _Prefix(NamedTuple):
+    """The prefix each row reads: ``[H, P, D]`` shared or ``[B, H, P, D]`` (bank or prefix dropout,
+    with the dropout applied), and the prefix-dropout keep masks (or None)."""
 
-
-def _probabilities(q, k, pk, mask, scale, lse=None):
-    """Scaled scores of the prefix and sequence blocks turned into probabilities with one shared
-    normaliser. Returns (prefix probs, sequence probs, lse); rows without a visible column get
-    ``lse = +inf`` and probabilities 0."""
-    s_prefix = _prefix_matmul(q, pk, transpose=True) * scale
-    s_seq = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if mask is not None:
-        s_seq = s_seq.masked_fill(~mask[:, None, None, :], float("-inf"))
-    if lse is None:
-        lse = torch.logaddexp(torch.logsumexp(s_prefix, -1), torch.logsumexp(s_seq, -1))
-        lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-    return torch.exp(s_prefix - lse[..., None]), torch.exp(s_seq - lse[..., None]), lse
-
-
-def _upcast(*tensors):
-    """Half precision to float32; float32/float64 unchanged."""
-    return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
-
-
-def _drop(x, keep, p):
-    """Inverted dropout with a given keep mask (None: no dropout)."""
-    return x if keep is None else x * keep / (1.0 - p)
-
-
-class _Blocks(NamedTuple):
-    """Everything both passes derive from the inputs: the prefix each row reads (dropout applied), the
-    undropped probabilities of both blocks, the row lse and the dropout keep masks (or None)."""
-
-    pk: torch.Tensor
-    pv: torch.Tensor
-    p_prefix: torch.Tensor
-    p_seq: torch.Tensor
-    lse: torch.Tensor
-    keep_prefix: Optional[torch.Tensor]
-    keep_seq: Optional[torch.Tensor]
+    k: torch.Tensor
+    v: torch.Tensor
     keep_k: Optional[torch.Tensor]
     keep_v: Optional[torch.Tensor]
 
 
-def _blocks(q, k, prefix_k, prefix_v, mask, task_ids, options: Options, lse=None) -> _Blocks:
-    batch, num_prefix = q.shape[0], prefix_k.shape[2]
-    dropout = options.dropout
-    attn_keep, keep_k, keep_v = _dropout_masks(q, num_prefix, dropout)
-    pk = _apply_prefix_dropout(prefix_rows(prefix_k, task_ids), keep_k, dropout.prefix_p, batch)
-    pv = _apply_prefix_dropout(prefix_rows(prefix_v, task_ids), keep_v, dropout.prefix_p, batch)
-    p_prefix, p_seq, lse = _probabilities(q, k, pk, mask, options.scale, lse)
-    keep_prefix = keep_seq = None
+def _prefix(prefix_k, prefix_v, task_ids, batch, keep_k, keep_v, p) -> _Prefix:
+    pk, pv = prefix_rows(prefix_k, task_ids), prefix_rows(prefix_v, task_ids)
+    if keep_k is not None:
+        pk = _drop(pk.expand(batch, *pk.shape[-3:]), keep_k, p)
+        pv = _drop(pv.expand(batch, *pv.shape[-3:]), keep_v, p)
+    return _Prefix(pk, pv, keep_k, keep_v)
+
+
+# ----- attention with dropout (and on GPUs): one softmax over the two score blocks side by side -----
+
+def _probabilities(q, k, pk, mask, scale) -> torch.Tensor:
+    """Undropped probabilities ``[B, H, N, P + N]``; rows with no visible column are 0."""
+    num_prefix = pk.shape[-2]
+    q = q * scale
+    scores = torch.cat([_prefix_matmul(q, pk, transpose=True), torch.matmul(q, k.transpose(-1, -2))], -1)
+    if mask is not None:
+        scores[..., num_prefix:].masked_fill_(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, -1)
+    if mask is not None and num_prefix == 0:
+        probs.nan_to_num_(0.0)
+    return probs
+
+
+def _explicit_forward(q, k, v, prefix: _Prefix, mask, attn_keep, options: Options):
+    num_prefix = prefix.k.shape[-2]
+    probs = _drop(_probabilities(q, k, prefix.k, mask, options.scale), attn_keep, options.dropout.p)
+    return _prefix_matmul(probs[..., :num_prefix], prefix.v, transpose=False) + torch.matmul(probs[..., num_prefix:], v)
+
+
+def _explicit_backward(d_out, q, k, v, out, prefix: _Prefix, mask, attn_keep, options: Options):
+    num_prefix, per_row, p = prefix.k.shape[-2], prefix.k.dim() == 4, options.dropout.p
+    probs = _probabilities(q, k, prefix.k, mask, options.scale)
+    dropped = _drop(probs, attn_keep, p)
+    dv = torch.matmul(dropped[..., num_prefix:].transpose(-1, -2), d_out)
+    dpv = _prefix_grad(dropped[..., :num_prefix], d_out, per_row)
+    del dropped
+    # dS = P * (dP - rowsum(dO * O)), built in place in the dP buffer
+    ds = torch.cat([_prefix_matmul(d_out, prefix.v, transpose=True), torch.matmul(d_out, v.transpose(-1, -2))], -1)
     if attn_keep is not None:
-        keep_prefix, keep_seq = attn_keep[..., :num_prefix], attn_keep[..., num_prefix:]
-    return _Blocks(pk, pv, p_prefix, p_seq, lse, keep_prefix, keep_seq, keep_k, keep_v)
+        ds.masked_fill_(~attn_keep, 0.0).div_(1.0 - p)
+    ds.sub_((d_out * out).sum(-1, keepdim=True)).mul_(probs)
+    ds_prefix, ds_seq = ds[..., :num_prefix], ds[..., num_prefix:]
+    dq = (_prefix_matmul(ds_prefix, prefix.k, transpose=False) + torch.matmul(ds_seq, k)) * options.scale
+    dk = torch.matmul(ds_seq.transpose(-1, -2), q) * options.scale
+    dpk = _prefix_grad(ds_prefix, q, per_row) * options.scale
+    return dq, dk, dv, dpk, dpv
+
+
+# ----- CPU without attention dropout: PyTorch's fused CPU flash attention on the sequence block, -----
+# ----- merged with the small prefix block through the row log-sum-exp (cascade attention)       -----
+
+def _flash_cpu_available(q: torch.Tensor, options: Options) -> bool:
+    return (q.device.type == "cpu" and options.dropout.p == 0.0
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))
+
+
+def _additive_mask(mask, dtype):
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape[0], 1, 1, mask.shape[1], dtype=dtype).masked_fill_(
+        ~mask[:, None, None, :], float("-inf"))
+
+
+def _merged_forward(q, k, v, prefix: _Prefix, mask, options: Options):
+    """(out, lse) of the whole row; ``lse = +inf`` marks rows with no visible column (their weights
+    ``exp(s - lse)`` are then 0 in both passes)."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    out_seq, lse_seq = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, attn_mask=_additive_mask(mask, q.dtype), scale=options.scale)
+    if mask is not None:  # the CPU kernel reports lse 0 for a row with no visible key
+        lse_seq = lse_seq.masked_fill(~mask.any(-1)[:, None, None], float("-inf"))
+    s_prefix = _prefix_matmul(q.to(compute) * options.scale, prefix.k.to(compute), transpose=True)
+    lse = torch.logaddexp(lse_seq.to(compute), torch.logsumexp(s_prefix, -1))
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    out = (out_seq.to(compute) * torch.exp(lse_seq - lse)[..., None]
+           + _prefix_matmul(torch.exp(s_prefix - lse[..., None]), prefix.v.to(compute), transpose=False))
+    return out, lse
+
+
+def _merged_backward(d_out, q, k, v, out, lse, prefix: _Prefix, mask, options: Options):
+    """The sequence block's gradients come from the CPU flash backward fed the *whole* row's output and
+    lse (its probabilities and rowsum(dO * O) are then those of the joint softmax); the prefix block's
+    are computed here."""
+    compute, scale = torch.promote_types(q.dtype, torch.float32), options.scale
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        d_out, q, k, v, out, lse.to(torch.promote_types(lse.dtype, torch.float32)), 0.0, False,
+        attn_mask=_additive_mask(mask, q.dtype), scale=scale)
+    q, d_out, out, pk, pv = (t.to(compute) for t in (q, d_out, out, prefix.k, prefix.v))
+    per_row = pk.dim() == 4
+    probs = torch.exp(_prefix_matmul(q * scale, pk, transpose=True) - lse[..., None])
+    dpv = _prefix_grad(probs, d_out, per_row)
+    ds = probs * (_prefix_matmul(d_out, pv, transpose=True) - (d_out * out).sum(-1, keepdim=True))
+    dq = dq + _prefix_matmul(ds, pk, transpose=False) * scale
+    dpk = _prefix_grad(ds, q, per_row) * scale
+    return dq, dk, dv, dpk, dpv
 
 
 class TorchPrefixAttention(torch.autograd.Function):
@@ -116,44 +178,38 @@ class TorchPrefixAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, options: Options):
-        inputs = (q, k, v, prefix_k, prefix_v)
-        q, k, v, prefix_k, prefix_v = _upcast(*inputs)
-        p = options.dropout.p
-        x = _blocks(q, k, prefix_k, prefix_v, mask, task_ids, options)
-        out = (_prefix_matmul(_drop(x.p_prefix, x.keep_prefix, p), x.pv, transpose=False)
-               + torch.matmul(_drop(x.p_seq, x.keep_seq, p), v))
-        out = out.to(inputs[0].dtype)
-        ctx.save_for_backward(*inputs, mask, task_ids, out, x.lse)
         ctx.options = options
+        attn_keep, keep_k, keep_v = _dropout_masks(q, prefix_k.shape[2], options.dropout)
+        prefix = _prefix(prefix_k, prefix_v, task_ids, q.shape[0], keep_k, keep_v, options.dropout.prefix_p)
+        if _flash_cpu_available(q, options):
+            out, lse = _merged_forward(q, k, v, prefix, mask, options)
+        else:
+            qc, kc, vc, pk, pv = _upcast(q, k, v, prefix.k, prefix.v)
+            out = _explicit_forward(qc, kc, vc, prefix._replace(k=pk, v=pv), mask, attn_keep, options)
+            lse = None
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse = ctx.saved_tensors
-        in_dtype, prefix_dtype, num_tasks = q.dtype, prefix_k.dtype, prefix_k.shape[0]
-        q, k, v, prefix_k, prefix_v, d_out, out = _upcast(q, k, v, prefix_k, prefix_v, d_out, out)
         options = ctx.options
-        p, prefix_p, scale = options.dropout.p, options.dropout.prefix_p, options.scale
-        x = _blocks(q, k, prefix_k, prefix_v, mask, task_ids, options, lse)
-
-        per_row = x.pk.dim() == 4
-        dv = torch.matmul(_drop(x.p_seq, x.keep_seq, p).transpose(-1, -2), d_out)
-        dpv = _prefix_grad(_drop(x.p_prefix, x.keep_prefix, p), d_out, per_row)
-        delta = (d_out * out).sum(-1, keepdim=True)
-        dp_prefix = _drop(_prefix_matmul(d_out, x.pv, transpose=True), x.keep_prefix, p)
-        dp_seq = _drop(torch.matmul(d_out, v.transpose(-1, -2)), x.keep_seq, p)
-        ds_prefix = x.p_prefix * (dp_prefix - delta)
-        ds_seq = x.p_seq * (dp_seq - delta)
-        dq = (_prefix_matmul(ds_prefix, x.pk, transpose=False) + torch.matmul(ds_seq, k)) * scale
-        dk = torch.matmul(ds_seq.transpose(-1, -2), q) * scale
-        dpk = _prefix_grad(ds_prefix, q, per_row) * scale
-        dpk = reduce_prefix_grad(_drop(dpk, x.keep_k, prefix_p), task_ids, num_tasks)
-        dpv = reduce_prefix_grad(_drop(dpv, x.keep_v, prefix_p), task_ids, num_tasks)
-        grads = [g.to(in_dtype) for g in (dq, dk, dv)] + [g.to(prefix_dtype) for g in (dpk, dpv)]
-        return (*grads, None, None, None)
+        attn_keep, keep_k, keep_v = _dropout_masks(q, prefix_k.shape[2], options.dropout)
+        prefix = _prefix(prefix_k, prefix_v, task_ids, q.shape[0], keep_k, keep_v, options.dropout.prefix_p)
+        if lse is not None:
+            grads = _merged_backward(d_out.to(q.dtype).contiguous(), q, k, v, out, lse, prefix, mask, options)
+        else:
+            qc, kc, vc, pk, pv, d_out, out = _upcast(q, k, v, prefix.k, prefix.v, d_out, out)
+            grads = _explicit_backward(d_out, qc, kc, vc, out, prefix._replace(k=pk, v=pv), mask, attn_keep, options)
+        dq, dk, dv, dpk, dpv = grads
+        num_tasks, prefix_p = prefix_k.shape[0], options.dropout.prefix_p
+        dpk = reduce_prefix_grad(_drop(dpk, keep_k, prefix_p), task_ids, num_tasks)
+        dpv = reduce_prefix_grad(_drop(dpv, keep_v, prefix_p), task_ids, num_tasks)
+        return (*(g.to(q.dtype) for g in (dq, dk, dv)), dpk.to(prefix_k.dtype), dpv.to(prefix_k.dtype),
+                None, None, None)
 
 
 def torch_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, options: Options) -> torch.Tensor:
     """Validated entry point of the torch backend (see :func:`ptv2_kernels.prefix_attention`)."""
     return TorchPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, options)
-
