@@ -21,4 +21,4 @@ else
   echo "compute-sanitizer not found: skipped" | tee "$out/sanitizer.log"
 fi
 
-python -m ptv2_kernels.bench all --device cuda --out "$out" 2>&1 | tee "$out/bench.log"
+python -m ptv2_kernels.bench --mode all --device cuda --out "$out" 2>&1 | tee "$out/bench.log"
