@@ -93,9 +93,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     sizes = _sizes(args, device)
     max_positions = MODEL_CONFIGS[args.model]["max_position_embeddings"]
-    if args.mode != "kernel" and max(sizes.seq_lens) + max(sizes.prefix_lens) > max_positions:
+    seq, prefix = sizes.seq_lens[0], sizes.prefix_lens[0]  # the model modes' case
+    if args.mode != "kernel" and seq + prefix > max_positions:
         raise SystemExit(f"ptv2-bench: error: N + P must be at most {max_positions} for {args.model} "
-                         f"(positions are shifted by P), got N={max(sizes.seq_lens)}, P={max(sizes.prefix_lens)}")
+                         f"(positions are shifted by P), got N={seq}, P={prefix}")
     heads, dim = heads_and_dim(args.model)
     progress = report.Progress(enabled=not args.no_progress)
     rows, skipped = [], []

@@ -128,8 +128,8 @@ def run(mode, model_name, sizes, dtype, device, providers, progress, quick):
     runnable = sorted((p for p in selected if not skip_reason(p, model_name, device)), key=lambda p: p != REFERENCE)
     if mode == "serve" and runnable:
         skipped.append({"bench": bench, "provider": "fused-* (16 tasks)",
-                        "reason": "mixed-task batch not benchmarked yet: needs patch_model's num_tasks bank and "
-                                  "its task_ids forward API"})
+                        "reason": "mixed-task batch (patch_model num_tasks=16, model(..., task_ids=...)) is not "
+                                  "in ptv2-bench yet"})
     progress.extend(len(runnable))
     seq, prefix_len = sizes.seq_lens[0], sizes.prefix_lens[0]
     heads, dim = heads_and_dim(model_name)
