@@ -1,0 +1,138 @@
+"""Host side of the CUDA backend: builds the hand-written kernels of ``csrc/prefix_attention`` (ahead of
+time through ``setup.py`` with ``PTV2_BUILD_CUDA=1``, else with ninja on first use, cached by torch under
+``TORCH_EXTENSIONS_DIR``) and wraps them in an autograd Function with the semantics of
+:func:`ptv2_kernels.ops.triton_backend.triton_prefix_attention`. Importing this module never builds
+anything and never fails on a machine without CUDA; :func:`cuda_status` says whether the backend can run."""
+
+import functools
+import importlib
+import os
+import shutil
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from .common import Dropout, Options
+
+LOG2_E = 1.4426950408889634
+EXTENSION_NAME = "ptv2_prefix_attention_cuda"
+CSRC = Path(__file__).resolve().parents[2] / "csrc" / "prefix_attention"
+SOURCES = ("binding.cpp", "forward.cu", "backward.cu")
+NVCC_FLAGS = ("-O3", "-lineinfo")
+
+
+def _nvcc() -> Optional[str]:
+    """Path of the nvcc that torch would use (CUDA_HOME), or on PATH; None if there is none."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return str(Path(CUDA_HOME) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _build_log_path() -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", get_default_build_root()))
+    return root / f"{EXTENSION_NAME}.build.log"
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> Tuple[Optional[object], str]:
+    """The compiled extension (the ahead-of-time build if installed, else a JIT build) and a reason
+    string; ``(None, reason)`` when it cannot be had. Cached: one attempt per process."""
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        return None, f"backend='cuda' needs a CUDA GPU: {why} (torch {torch.__version__})"
+    try:
+        return importlib.import_module("ptv2_kernels._cuda_ext"), "ahead-of-time build (PTV2_BUILD_CUDA=1)"
+    except ImportError:
+        pass
+    if _nvcc() is None:
+        return None, ("backend='cuda' needs nvcc to build its kernels on first use: install the CUDA toolkit "
+                      "(set CUDA_HOME) or install the package with PTV2_BUILD_CUDA=1")
+    if not all((CSRC / name).exists() for name in SOURCES):
+        return None, f"backend='cuda': the kernel sources are missing from {CSRC}"
+    from torch.utils.cpp_extension import load
+
+    log_path = _build_log_path()
+    try:
+        module = load(name=EXTENSION_NAME, sources=[str(CSRC / name) for name in SOURCES],
+                      extra_cuda_cflags=list(NVCC_FLAGS), extra_include_paths=[str(CSRC)], verbose=False)
+    except Exception as error:  # a failed compile or link: keep the compiler output for the user
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(f"{type(error).__name__}: {error}\n")
+        return None, f"backend='cuda': building the CUDA kernels failed; compiler output in {log_path}"
+    return module, f"JIT build ({EXTENSION_NAME})"
+
+
+def cuda_status() -> Tuple[bool, str]:
+    """``(available, reason)``: whether ``backend="cuda"`` can run here, and why (or how it was built).
+    Builds the extension on the first call on a GPU machine."""
+    module, reason = _load()
+    return module is not None, reason
+
+
+def _extension():
+    module, reason = _load()
+    if module is None:
+        raise RuntimeError(reason)
+    return module
+
+
+def _kernel_args(options: Options) -> dict:
+    """Scale and dropout arguments of the kernels, computed exactly as the Triton backend does (same
+    Python rounding of the threshold ``round(p * 2**24)``, same float keep scales)."""
+    dropout: Dropout = options.dropout
+    return dict(
+        scale=options.scale,
+        scale_log2=options.scale * LOG2_E,
+        seed=dropout.seed,
+        attn_dropout=dropout.p > 0,
+        attn_threshold=round(dropout.p * (1 << 24)),
+        attn_keep_scale=1.0 / (1.0 - dropout.p),
+        prefix_dropout=dropout.prefix_p > 0,
+        prefix_threshold=round(dropout.prefix_p * (1 << 24)),
+        prefix_keep_scale=1.0 / (1.0 - dropout.prefix_p),
+    )
+
+
+def _mask_u8(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if mask is None else mask.contiguous().view(torch.uint8)
+
+
+class CudaPrefixAttention(torch.autograd.Function):
+    """Inputs: q, k, v ``[B, H, N, D]`` (unit last stride); prefix_k, prefix_v contiguous
+    ``[T, H, P, D]``; bool mask ``[B, N]`` or None; task_ids ``[B]`` int64 or None; :class:`Options`.
+    Output ``[B, H, N, D]`` stored as ``[B, N, H, D]``; prefix gradients reduced over the batch in
+    float32 (atomics, or a fixed order with ``options.deterministic``), returned in the prefix dtype."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, options: Options):
+        ext = _extension()
+        with torch.cuda.device(q.device):
+            out, lse = ext.forward(q, k, v, prefix_k, prefix_v, _mask_u8(mask), task_ids, **_kernel_args(options))
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse)
+        ctx.options = options
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse = ctx.saved_tensors
+        if d_out.stride(-1) != 1:
+            d_out = d_out.contiguous()
+        options = ctx.options
+        with torch.cuda.device(q.device):
+            dq, dk, dv, dpk, dpv = _extension().backward(
+                d_out, q, k, v, prefix_k, prefix_v, _mask_u8(mask), task_ids, out, lse,
+                deterministic=options.deterministic, **_kernel_args(options))
+        return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), None, None, None
+
+
+def cuda_prefix_attention(q, k, v, prefix_k, prefix_v, mask: Optional[torch.Tensor],
+                          task_ids: Optional[torch.Tensor], options: Options) -> torch.Tensor:
+    """Validated entry point of the CUDA backend (see :func:`ptv2_kernels.prefix_attention`); raises a
+    RuntimeError saying why when the backend cannot run here (:func:`cuda_status`)."""
+    _extension()
+    return CudaPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, options)
