@@ -87,7 +87,7 @@ def peft_reference(model, head, **prefix_options):
     reference = copy.deepcopy(model)
     task = PEFT_TASKS.get(head, TaskType.FEATURE_EXTRACTION)
     peft_config = PrefixTuningConfig(task_type=task, num_virtual_tokens=PREFIX_LEN, **prefix_options)
-    peft_model = get_peft_model(reference, peft_config)
+    peft_model = get_peft_model(reference, peft_config).train(model.training)
 
     def run(inputs):
         if head in PEFT_TASKS:
@@ -170,6 +170,18 @@ def test_projection_matches_peft(family):
     weighted_sum(expected).backward()
     torch.testing.assert_close(encoder.mlp[0].weight.grad, peft_encoder.transform[0].weight.grad, **TOL)
     torch.testing.assert_close(encoder.embedding.weight.grad, peft_encoder.embedding.weight.grad, **TOL)
+
+
+def test_dropout_follows_the_model_mode():
+    """Patching a model in eval mode gives deterministic outputs; train() turns prefix and attention dropout on."""
+    model = tiny_model("bert", hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    encoder = patch_model(model, PREFIX_LEN)
+    assert not encoder.training and encoder.config.prefix_dropout == 0.3
+    inputs = random_inputs(model)
+    assert torch.equal(model(**inputs).logits, model(**inputs).logits)
+    model.train()
+    assert encoder.training
+    assert not torch.equal(model(**inputs).logits, model(**inputs).logits)
 
 
 def test_positions_shift_by_prefix_len():

@@ -111,7 +111,7 @@ def patch_model(
         model_type=config.model_type,
     )
     device = next(model.parameters()).device
-    encoder = PrefixEncoder(prefix_config).to(device)
+    encoder = PrefixEncoder(prefix_config).to(device).train(model.training)
 
     state = PatchState(encoder=encoder, family=family, backend=backend, modules=[], handles=[])
     if freeze_backbone:
