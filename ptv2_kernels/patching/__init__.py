@@ -113,7 +113,7 @@ def patch_model(
     device = next(model.parameters()).device
     encoder = PrefixEncoder(prefix_config).to(device).train(model.training)
 
-    state = PatchState(encoder=encoder, family=family, backend=backend, modules=[], handles=[])
+    state = PatchState(encoder=encoder, backend=backend, modules=[], handles=[])
     if freeze_backbone:
         state.requires_grad = [(p, p.requires_grad) for p in base.parameters()]
         for parameter in base.parameters():

@@ -14,6 +14,7 @@ How one forward of a patched model runs:
 
 import abc
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -95,7 +96,6 @@ class PatchState:
     the base-model pre-hook within the same forward."""
 
     encoder: PrefixEncoder
-    family: ModelFamily
     backend: str
     modules: list
     handles: list
@@ -131,8 +131,7 @@ def take_task_ids_hook(state: PatchState):
             if tuple(task_ids.shape) != examples[:1]:
                 raise ValueError(f"task_ids must have one entry per example, shape {list(examples[:1])}, "
                                  f"got {list(task_ids.shape)}")
-            rows_per_example = int(torch.tensor(examples[1:], dtype=torch.int64).prod())
-            task_ids = task_ids.repeat_interleave(rows_per_example)
+            task_ids = task_ids.repeat_interleave(math.prod(examples[1:]))
         state.pending_task_ids = task_ids
         return args, kwargs
 
