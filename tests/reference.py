@@ -49,8 +49,9 @@ def kernel_dropout_masks(seed, batch, heads, seq, num_prefix, dim, p, prefix_p):
 
 
 def reference_attention(q, k, v, prefix_k, prefix_v, mask=None, task_ids=None, scale=None,
-                        attn_keep=None, keep_k=None, keep_v=None, p=0.0, prefix_p=0.0):
-    """SPEC §1 by concatenation in float64. Rows with no visible column output 0. Differentiable."""
+                        attn_keep=None, keep_k=None, keep_v=None, p=0.0, prefix_p=0.0, bias=None):
+    """SPEC §1 by concatenation in float64 (``bias`` on the sequence columns only). Rows with no visible
+    column output 0. Differentiable."""
     q, k, v, prefix_k, prefix_v = (t.double() for t in (q, k, v, prefix_k, prefix_v))
     batch, heads, seq, dim = q.shape
     pk = prefix_k[task_ids] if task_ids is not None else prefix_k.expand(batch, *prefix_k.shape)
@@ -60,6 +61,8 @@ def reference_attention(q, k, v, prefix_k, prefix_v, mask=None, task_ids=None, s
         pv = pv * keep_v.to(q.device) / (1 - prefix_p)
     keys, values = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
     scores = q @ keys.transpose(-1, -2) * (dim**-0.5 if scale is None else scale)
+    if bias is not None:
+        scores = scores + torch.nn.functional.pad(bias.double(), (pk.shape[2], 0))
     if mask is not None:
         visible = torch.cat([torch.ones(batch, pk.shape[2], dtype=torch.bool, device=q.device), mask], 1)
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))

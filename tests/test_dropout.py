@@ -47,7 +47,7 @@ def test_backward_sees_the_forward_masks(backend, p, prefix_p, num_prefix, tasks
                                                  padded_rows=((1, 20),))
     prefix = [t if tasks else t.unsqueeze(0) for t in tensors[3:]]
     options = Options(scale=dim**-0.5, dropout=Dropout(p, prefix_p, seed))
-    got = run_with_grads(lambda *t: function.apply(*t, mask, task_ids, options), tensors[:3] + prefix, d_out,
+    got = run_with_grads(lambda *t: function.apply(*t, mask, task_ids, None, options), tensors[:3] + prefix, d_out,
                          packed=True)
     attn_keep, keep_k, keep_v = masks(seed, batch, heads, seq, num_prefix, dim, p, prefix_p)
     ref = run_with_grads(reference_attention, [t.double() for t in tensors], d_out.double(), mask=mask,

@@ -149,11 +149,34 @@ def test_gradcheck_torch_backend_float64():
 
     tensors, mask, task_ids, _ = make_inputs(3, 2, 5, 3, 4, torch.float64, tasks=2, padded_rows=((1, 2),))
     tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    bias = torch.randn(3, 2, 5, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     plain = Options(scale=0.5, dropout=Dropout())
     dropped = Options(scale=0.5, dropout=Dropout(p=0.3, prefix_p=0.4, seed=1234))
     for options in (plain, dropped):
-        assert torch.autograd.gradcheck(
-            lambda *t: TorchPrefixAttention.apply(*t, mask, task_ids, options), tensors)
+        assert torch.autograd.gradcheck(lambda *t: TorchPrefixAttention.apply(*t, mask, task_ids, None, options),
+                                        tensors)
+    assert torch.autograd.gradcheck(lambda *t: TorchPrefixAttention.apply(*t[:5], mask, task_ids, t[5], dropped),
+                                    tensors + [bias])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch,heads,seq,num_prefix,tasks,padded_rows,bias_batch", [
+    (3, 2, 37, 20, 3, ((1, 25),), 3),
+    (2, 2, 19, 0, None, ((0, 7), (1, 0)), 1),
+], ids=["bank-full-bias", "P=0-broadcast-bias"])
+def test_attention_bias_and_its_gradient(backend, batch, heads, seq, num_prefix, tasks, padded_rows, bias_batch):
+    tensors, mask, task_ids, d_out = make_inputs(batch, heads, seq, num_prefix, 32, torch.float32, tasks=tasks,
+                                                 padded_rows=padded_rows, seed=3)
+    bias = torch.randn(bias_batch, heads, seq, seq, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    bias_leaf = bias.clone().requires_grad_()
+    got = run_with_grads(prefix_attention, tensors, d_out, packed=True, key_padding_mask=mask, task_ids=task_ids,
+                         attn_bias=bias_leaf, backend=backend)
+    ref_bias = bias.double().requires_grad_()
+    ref = run_with_grads(reference_attention, [t.double() for t in tensors], d_out.double(), mask=mask,
+                         task_ids=task_ids, bias=ref_bias)
+    names = ["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v", "dbias"]
+    for name, g, r in zip(names, got + [bias_leaf.grad], ref + [ref_bias.grad]):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=2e-5, msg=name)
 
 
 @pytest.mark.gpu

@@ -63,6 +63,9 @@ CASES = [
     (args(), {"backend": "flash"}, ValueError, "backend must be one of"),
     (args(), {"backend": "cuda"}, RuntimeError, "backend='cuda' is not available"),
     ([torch.randn(0, H, N, D) for _ in range(3)] + args()[3:], {}, ValueError, "q must have non-empty"),
+    (args(), {"attn_bias": torch.randn(B, H, N, N + 1)}, ValueError, "attn_bias must be [B, H, N, N]"),
+    (args(), {"attn_bias": torch.ones(B, H, N, N, dtype=torch.int32)}, TypeError, "attn_bias must be a floating"),
+    (args(), {"attn_bias": 0.5}, TypeError, "attn_bias must be a torch.Tensor"),
 ]
 
 

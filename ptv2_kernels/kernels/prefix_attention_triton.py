@@ -11,6 +11,9 @@ Layouts
 - key padding mask: contiguous ``[B, N]`` uint8 (1 = real token).
 - lse, delta: float32 ``[B, H, N]``; ``lse`` is the row log-sum-exp in base 2 of the scaled scores,
   ``+inf`` for a row with no visible column (its output is 0 and it contributes no gradient).
+- attention bias (optional): ``[B, H, N, N]`` with any strides (0 for broadcast dimensions), added to
+  the scaled scores of the sequence columns only (prefix columns get none); its gradient: contiguous
+  ``[B, H, N, N]``.
 
 Dropout RNG contract (shared with the CUDA backend; one 64-bit ``seed`` per call): a Philox4x32-10
 draw with key ``(seed & 0xffffffff, seed >> 32)`` and counter ``(c0, c1, c2, c3)``; the first output
@@ -26,6 +29,7 @@ import triton.language as tl
 ATTN_STREAM = tl.constexpr(0)
 PREFIX_K_STREAM = tl.constexpr(1)
 PREFIX_V_STREAM = tl.constexpr(2)
+LOG2_E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -76,6 +80,17 @@ def _load_prefix_tile(PK, PV, task, h, bh, offs_p, offs_d, H, P, D, seed, prefix
 
 
 @triton.jit
+def _load_bias(Bias, b, h, rows, cols, N, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS: tl.constexpr):
+    """Bias of query ``rows`` and sequence columns ``cols`` (broadcastable index tensors, so both
+    orientations work), in base-2 units; 0 outside the sequence or without a bias."""
+    if HAS_BIAS:
+        ptrs = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh + rows.to(tl.int64) * stride_bm + cols * stride_bn
+        return tl.load(ptrs, mask=(rows < N) & (cols < N), other=0.0).to(tl.float32) * LOG2_E
+    else:
+        return 0.0
+
+
+@triton.jit
 def _column_valid(Mask, b, offs_n, N, HAS_MASK: tl.constexpr):
     """Which sequence columns ``offs_n`` of batch row ``b`` are real (in range and not padding)."""
     valid = offs_n < N
@@ -85,10 +100,11 @@ def _column_valid(Mask, b, offs_n, N, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(q, k, v, col_valid, cols, rows, bh, m_i, l_i, acc, scale_log2, seed, threshold, drop_scale,
+def _fwd_block(q, k, v, bias, col_valid, cols, rows, bh, m_i, l_i, acc, scale_log2, seed, threshold, drop_scale,
                ATTN_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
-    """One online-softmax step of the forward over a tile of columns (prefix or sequence)."""
-    s = _dot(q, tl.trans(k), DOT_FP32) * scale_log2
+    """One online-softmax step of the forward over a tile of columns (prefix or sequence); ``bias`` is
+    the base-2 score bias of the tile (0 for the prefix)."""
+    s = _dot(q, tl.trans(k), DOT_FP32) * scale_log2 + bias
     s = tl.where(col_valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -104,11 +120,12 @@ def _fwd_block(q, k, v, col_valid, cols, rows, bh, m_i, l_i, acc, scale_log2, se
 
 @triton.jit
 def prefix_attention_fwd_kernel(
-    Q, K, V, PK, PV, TaskIds, Mask, Out, Lse,
+    Q, K, V, PK, PV, TaskIds, Mask, Bias, Out, Lse,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+    stride_bb, stride_bh, stride_bm, stride_bn,
     H, N, P, D, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
-    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, ATTN_DROPOUT: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, ATTN_DROPOUT: tl.constexpr,
     PREFIX_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -129,7 +146,7 @@ def prefix_attention_fwd_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         pk, pv, _, _ = _load_prefix_tile(PK, PV, task, h, bh, cols, offs_d, H, P, D, seed, prefix_threshold,
                                          prefix_scale, PREFIX_DROPOUT)
-        m_i, l_i, acc = _fwd_block(q, pk, pv, cols < P, cols, rows, bh, m_i, l_i, acc, scale_log2, seed,
+        m_i, l_i, acc = _fwd_block(q, pk, pv, 0.0, cols < P, cols, rows, bh, m_i, l_i, acc, scale_log2, seed,
                                    threshold, drop_scale, ATTN_DROPOUT, DOT_FP32)
     k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
@@ -138,7 +155,9 @@ def prefix_attention_fwd_kernel(
         k = _load_rows(k_base, offs_n, N, stride_kn, offs_d, D)
         v = _load_rows(v_base, offs_n, N, stride_vn, offs_d, D)
         valid = _column_valid(Mask, b, offs_n, N, HAS_MASK)
-        m_i, l_i, acc = _fwd_block(q, k, v, valid, P + offs_n, rows, bh, m_i, l_i, acc, scale_log2, seed,
+        bias = _load_bias(Bias, b, h, rows[:, None], offs_n[None, :], N, stride_bb, stride_bh, stride_bm, stride_bn,
+                          HAS_BIAS)
+        m_i, l_i, acc = _fwd_block(q, k, v, bias, valid, P + offs_n, rows, bh, m_i, l_i, acc, scale_log2, seed,
                                    threshold, drop_scale, ATTN_DROPOUT, DOT_FP32)
 
     empty = l_i == 0.0
@@ -169,10 +188,10 @@ def prefix_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dq_block(q, do, k, v, lse, delta, col_valid, cols, rows, bh, dq, scale_log2, seed, threshold, drop_scale,
+def _dq_block(q, do, k, v, bias, lse, delta, col_valid, cols, rows, bh, dq, scale_log2, seed, threshold, drop_scale,
               ATTN_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
     """dq contribution (before the softmax scale) of one tile of columns; ``[BLOCK_M, *]`` orientation."""
-    s = _dot(q, tl.trans(k), DOT_FP32) * scale_log2
+    s = _dot(q, tl.trans(k), DOT_FP32) * scale_log2 + bias
     p = tl.where(col_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
     dp = _dot(do, tl.trans(v), DOT_FP32)
     if ATTN_DROPOUT:
@@ -184,12 +203,12 @@ def _dq_block(q, do, k, v, lse, delta, col_valid, cols, rows, bh, dq, scale_log2
 
 @triton.jit
 def prefix_attention_bwd_dq_kernel(
-    Q, K, V, PK, PV, TaskIds, Mask, DOut, Lse, Delta, DQ,
+    Q, K, V, PK, PV, TaskIds, Mask, Bias, DOut, Lse, Delta, DQ,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn,
-    stride_dqb, stride_dqh, stride_dqn,
+    stride_dqb, stride_dqh, stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn,
     H, N, P, D, scale, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
-    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, ATTN_DROPOUT: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, ATTN_DROPOUT: tl.constexpr,
     PREFIX_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -211,7 +230,7 @@ def prefix_attention_bwd_dq_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         pk, pv, _, _ = _load_prefix_tile(PK, PV, task, h, bh, cols, offs_d, H, P, D, seed, prefix_threshold,
                                          prefix_scale, PREFIX_DROPOUT)
-        dq = _dq_block(q, do, pk, pv, lse, delta, cols < P, cols, rows, bh, dq, scale_log2, seed, threshold,
+        dq = _dq_block(q, do, pk, pv, 0.0, lse, delta, cols < P, cols, rows, bh, dq, scale_log2, seed, threshold,
                        drop_scale, ATTN_DROPOUT, DOT_FP32)
     k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
@@ -220,7 +239,9 @@ def prefix_attention_bwd_dq_kernel(
         k = _load_rows(k_base, offs_n, N, stride_kn, offs_d, D)
         v = _load_rows(v_base, offs_n, N, stride_vn, offs_d, D)
         valid = _column_valid(Mask, b, offs_n, N, HAS_MASK)
-        dq = _dq_block(q, do, k, v, lse, delta, valid, P + offs_n, rows, bh, dq, scale_log2, seed, threshold,
+        bias = _load_bias(Bias, b, h, rows[:, None], offs_n[None, :], N, stride_bb, stride_bh, stride_bm, stride_bn,
+                          HAS_BIAS)
+        dq = _dq_block(q, do, k, v, bias, lse, delta, valid, P + offs_n, rows, bh, dq, scale_log2, seed, threshold,
                        drop_scale, ATTN_DROPOUT, DOT_FP32)
 
     dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + rows[:, None].to(tl.int64) * stride_dqn + offs_d[None, :]
@@ -228,13 +249,16 @@ def prefix_attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_tile(Q, DOut, Lse, Delta, b, h, bh, k, v, col_valid, cols,
+def _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, k, v, col_valid, cols, seq_cols,
                stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
+               stride_bb, stride_bh, stride_bm, stride_bn,
                N, D, scale_log2, seed, threshold, drop_scale,
-               ATTN_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+               HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, ATTN_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dk (before the softmax scale) and dv of one tile of columns of batch row ``b``, head ``h``, summed
-    over all query tiles; ``[BLOCK_N, *]`` (transposed) orientation."""
+    over all query tiles; ``[BLOCK_N, *]`` (transposed) orientation. ``cols`` index the joint columns
+    (dropout counters), ``seq_cols`` the sequence (bias; only read with HAS_BIAS). With BIAS_GRAD the
+    score gradient of the tile is the bias gradient and is written to ``DBias``."""
     offs_d = tl.arange(0, BLOCK_D)
     q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
     do_base = DOut + b.to(tl.int64) * stride_gb + h * stride_gh
@@ -246,7 +270,9 @@ def _dkdv_tile(Q, DOut, Lse, Delta, b, h, bh, k, v, col_valid, cols,
         do = _load_rows(do_base, rows, N, stride_gn, offs_d, D)
         lse = tl.load(Lse + bh.to(tl.int64) * N + rows, mask=rows < N, other=float("inf"))
         delta = tl.load(Delta + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
-        s_t = _dot(k, tl.trans(q), DOT_FP32) * scale_log2
+        bias_t = _load_bias(Bias, b, h, rows[None, :], seq_cols[:, None], N, stride_bb, stride_bh, stride_bm,
+                            stride_bn, HAS_BIAS)
+        s_t = _dot(k, tl.trans(q), DOT_FP32) * scale_log2 + bias_t
         p_t = tl.where(col_valid[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
         dp_t = _dot(v, tl.trans(do), DOT_FP32)
         pd_t = p_t
@@ -257,18 +283,23 @@ def _dkdv_tile(Q, DOut, Lse, Delta, b, h, bh, k, v, col_valid, cols,
         dv += _dot(pd_t.to(do.dtype), do, DOT_FP32)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += _dot(ds_t.to(q.dtype), q, DOT_FP32)
+        if BIAS_GRAD:
+            ptrs = DBias + (bh.to(tl.int64) * N + rows[None, :]) * N + seq_cols[:, None]
+            tl.store(ptrs, ds_t.to(DBias.dtype.element_ty), mask=(rows[None, :] < N) & (seq_cols[:, None] < N))
     return dk, dv
 
 
 @triton.jit
 def prefix_attention_bwd_dkdv_kernel(
-    Q, K, V, PK, PV, TaskIds, Mask, DOut, Lse, Delta, DK, DV, DPK, DPV,
+    Q, K, V, PK, PV, TaskIds, Mask, Bias, DOut, Lse, Delta, DK, DV, DPK, DPV, DBias,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
     B, H, N, P, D, scale, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
     PREFIX_BLOCKS,
-    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, ATTN_DROPOUT: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    ATTN_DROPOUT: tl.constexpr,
     PREFIX_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -300,10 +331,11 @@ def prefix_attention_bwd_dkdv_kernel(
             task = tl.load(TaskIds + b) if HAS_TASKS else b * 0
             pk, pv, keep_k, keep_v = _load_prefix_tile(PK, PV, task, h, bh, cols, offs_d, H, P, D, seed,
                                                        prefix_threshold, prefix_scale, PREFIX_DROPOUT)
-            dk, dv = _dkdv_tile(Q, DOut, Lse, Delta, b, h, bh, pk, pv, col_valid, cols,
+            dk, dv = _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, pk, pv, col_valid, cols, cols,
                                 stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
+                                stride_bb, stride_bh, stride_bm, stride_bn,
                                 N, D, scale_log2, seed, threshold, drop_scale,
-                                ATTN_DROPOUT, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
+                                False, False, ATTN_DROPOUT, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
             dk = dk * scale
             if PREFIX_DROPOUT:
                 dk = tl.where(keep_k, dk * prefix_scale, 0.0)
@@ -324,10 +356,11 @@ def prefix_attention_bwd_dkdv_kernel(
         k = _load_rows(K + b.to(tl.int64) * stride_kb + h * stride_kh, cols, N, stride_kn, offs_d, D)
         v = _load_rows(V + b.to(tl.int64) * stride_vb + h * stride_vh, cols, N, stride_vn, offs_d, D)
         valid = _column_valid(Mask, b, cols, N, HAS_MASK)
-        dk, dv = _dkdv_tile(Q, DOut, Lse, Delta, b, h, bh, k, v, valid, P + cols,
+        dk, dv = _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, k, v, valid, P + cols, cols,
                             stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
+                            stride_bb, stride_bh, stride_bm, stride_bn,
                             N, D, scale_log2, seed, threshold, drop_scale,
-                            ATTN_DROPOUT, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
+                            HAS_BIAS, BIAS_GRAD, ATTN_DROPOUT, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
         ok = (cols[:, None] < N) & d_ok
         row = cols[:, None].to(tl.int64)
         tl.store(DK + b.to(tl.int64) * stride_dkb + h * stride_dkh + row * stride_dkn + offs_d[None, :],

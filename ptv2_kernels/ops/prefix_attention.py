@@ -100,6 +100,24 @@ def _check_task_ids(q, prefix_k, task_ids):
     return task_ids.to(torch.int64).contiguous()
 
 
+def _check_bias(q, bias):
+    """``[B, H, N, N]`` (or broadcastable to it), floating, on q's device; returned expanded (a view)."""
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"attn_bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if not bias.is_floating_point():
+        raise TypeError(f"attn_bias must be a floating-point tensor, got dtype {bias.dtype}")
+    batch, heads, seq, _ = q.shape
+    if bias.device != q.device:
+        raise ValueError(f"attn_bias is on {bias.device} but q is on {q.device}")
+    try:
+        return bias.expand(batch, heads, seq, seq)
+    except RuntimeError:
+        raise ValueError(f"attn_bias must be [B, H, N, N] = {(batch, heads, seq, seq)} or broadcastable to it, "
+                         f"got {tuple(bias.shape)}") from None
+
+
 def _check_probability(name, p):
     if not isinstance(p, (int, float)) or isinstance(p, bool):
         raise TypeError(f"{name} must be a float, got {type(p).__name__}")
@@ -158,6 +176,7 @@ def prefix_attention(
     prefix_dropout_p: float = 0.0,
     backend: str = "auto",
     deterministic: bool = False,
+    attn_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of ``q`` over a learned prefix followed by the sequence, without concatenating them.
 
@@ -177,6 +196,9 @@ def prefix_attention(
             the Triton interpreter), ``"cuda"`` or ``"torch"`` (pure PyTorch, no concatenation).
         deterministic: reduce the prefix gradients over the batch in a fixed order instead of with
             atomics (also on when ``torch.use_deterministic_algorithms(True)``).
+        attn_bias: optional ``[B, H, N, N]`` (or broadcastable) bias added to the scaled scores of the
+            sequence columns only (prefix columns get none), e.g. DeBERTa's c2p + p2c relative-position
+            terms; differentiable.
 
     Returns:
         ``[B, H, N, D]`` in q's dtype (fused backends store it as ``[B, N, H, D]`` underneath).
@@ -189,6 +211,7 @@ def prefix_attention(
     _check_common(q, {"k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}, backend)
     mask = _check_mask(q, key_padding_mask)
     task_ids = _check_task_ids(q, prefix_k, task_ids)
+    bias = _check_bias(q, attn_bias)
     dropout_p = _check_probability("dropout_p", dropout_p)
     prefix_dropout_p = _check_probability("prefix_dropout_p", prefix_dropout_p)
     options = Options(
@@ -203,4 +226,4 @@ def prefix_attention(
     else:
         from .triton_backend import triton_prefix_attention as run
         prefix_k, prefix_v = prefix_k.contiguous(), prefix_v.contiguous()
-    return run(q, k, v, prefix_k, prefix_v, mask, task_ids, options)
+    return run(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)

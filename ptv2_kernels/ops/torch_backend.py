@@ -85,11 +85,13 @@ def _prefix(prefix_k, prefix_v, task_ids, batch, keep_k, keep_v, p) -> _Prefix:
 
 # ----- attention with dropout (and on GPUs): one softmax over the two score blocks side by side -----
 
-def _probabilities(q, k, pk, mask, scale) -> torch.Tensor:
+def _probabilities(q, k, pk, mask, bias, scale) -> torch.Tensor:
     """Undropped probabilities ``[B, H, N, P + N]``; rows with no visible column are 0."""
     num_prefix = pk.shape[-2]
     q = q * scale
     scores = torch.cat([_prefix_matmul(q, pk, transpose=True), torch.matmul(q, k.transpose(-1, -2))], -1)
+    if bias is not None:
+        scores[..., num_prefix:] += bias
     if mask is not None:
         scores[..., num_prefix:].masked_fill_(~mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, -1)
@@ -98,15 +100,16 @@ def _probabilities(q, k, pk, mask, scale) -> torch.Tensor:
     return probs
 
 
-def _explicit_forward(q, k, v, prefix: _Prefix, mask, attn_keep, options: Options):
+def _explicit_forward(q, k, v, prefix: _Prefix, mask, bias, attn_keep, options: Options):
     num_prefix = prefix.k.shape[-2]
-    probs = _drop(_probabilities(q, k, prefix.k, mask, options.scale), attn_keep, options.dropout.p)
+    probs = _drop(_probabilities(q, k, prefix.k, mask, bias, options.scale), attn_keep, options.dropout.p)
     return _prefix_matmul(probs[..., :num_prefix], prefix.v, transpose=False) + torch.matmul(probs[..., num_prefix:], v)
 
 
-def _explicit_backward(d_out, q, k, v, out, prefix: _Prefix, mask, attn_keep, options: Options):
+def _explicit_backward(d_out, q, k, v, out, prefix: _Prefix, mask, bias, attn_keep, options: Options):
+    """(dq, dk, dv, per-row or shared dprefix_k, dprefix_v, dbias = the sequence block's score gradient)."""
     num_prefix, per_row, p = prefix.k.shape[-2], prefix.k.dim() == 4, options.dropout.p
-    probs = _probabilities(q, k, prefix.k, mask, options.scale)
+    probs = _probabilities(q, k, prefix.k, mask, bias, options.scale)
     dropped = _drop(probs, attn_keep, p)
     dv = torch.matmul(dropped[..., num_prefix:].transpose(-1, -2), d_out)
     dpv = _prefix_grad(dropped[..., :num_prefix], d_out, per_row)
@@ -120,14 +123,14 @@ def _explicit_backward(d_out, q, k, v, out, prefix: _Prefix, mask, attn_keep, op
     dq = (_prefix_matmul(ds_prefix, prefix.k, transpose=False) + torch.matmul(ds_seq, k)) * options.scale
     dk = torch.matmul(ds_seq.transpose(-1, -2), q) * options.scale
     dpk = _prefix_grad(ds_prefix, q, per_row) * options.scale
-    return dq, dk, dv, dpk, dpv
+    return dq, dk, dv, dpk, dpv, ds_seq
 
 
 # ----- CPU without attention dropout: PyTorch's fused CPU flash attention on the sequence block, -----
 # ----- merged with the small prefix block through the row log-sum-exp (cascade attention)       -----
 
-def _flash_cpu_available(q: torch.Tensor, options: Options) -> bool:
-    return (q.device.type == "cpu" and options.dropout.p == 0.0
+def _flash_cpu_available(q: torch.Tensor, bias, options: Options) -> bool:
+    return (q.device.type == "cpu" and options.dropout.p == 0.0 and bias is None
             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))
 
 
@@ -169,31 +172,31 @@ def _merged_backward(d_out, q, k, v, out, lse, prefix: _Prefix, mask, options: O
     ds = probs * (_prefix_matmul(d_out, pv, transpose=True) - (d_out * out).sum(-1, keepdim=True))
     dq = dq + _prefix_matmul(ds, pk, transpose=False) * scale
     dpk = _prefix_grad(ds, q, per_row) * scale
-    return dq, dk, dv, dpk, dpv
+    return dq, dk, dv, dpk, dpv, None
 
 
 class TorchPrefixAttention(torch.autograd.Function):
     """Inputs: q, k, v ``[B, H, N, D]``; prefix_k, prefix_v ``[T, H, P, D]``; bool mask ``[B, N]`` or
-    None; task_ids ``[B]`` or None; :class:`Options`."""
+    None; task_ids ``[B]`` or None; attention bias ``[B, H, N, N]`` or None; :class:`Options`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, options: Options):
+    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options):
         ctx.options = options
         attn_keep, keep_k, keep_v = _dropout_masks(q, prefix_k.shape[2], options.dropout)
         prefix = _prefix(prefix_k, prefix_v, task_ids, q.shape[0], keep_k, keep_v, options.dropout.prefix_p)
-        if _flash_cpu_available(q, options):
+        if _flash_cpu_available(q, bias, options):
             out, lse = _merged_forward(q, k, v, prefix, mask, options)
         else:
             qc, kc, vc, pk, pv = _upcast(q, k, v, prefix.k, prefix.v)
-            out = _explicit_forward(qc, kc, vc, prefix._replace(k=pk, v=pv), mask, attn_keep, options)
+            out = _explicit_forward(qc, kc, vc, prefix._replace(k=pk, v=pv), mask, bias, attn_keep, options)
             lse = None
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out, lse = ctx.saved_tensors
         options = ctx.options
         attn_keep, keep_k, keep_v = _dropout_masks(q, prefix_k.shape[2], options.dropout)
         prefix = _prefix(prefix_k, prefix_v, task_ids, q.shape[0], keep_k, keep_v, options.dropout.prefix_p)
@@ -201,15 +204,17 @@ class TorchPrefixAttention(torch.autograd.Function):
             grads = _merged_backward(d_out.to(q.dtype).contiguous(), q, k, v, out, lse, prefix, mask, options)
         else:
             qc, kc, vc, pk, pv, d_out, out = _upcast(q, k, v, prefix.k, prefix.v, d_out, out)
-            grads = _explicit_backward(d_out, qc, kc, vc, out, prefix._replace(k=pk, v=pv), mask, attn_keep, options)
-        dq, dk, dv, dpk, dpv = grads
+            grads = _explicit_backward(d_out, qc, kc, vc, out, prefix._replace(k=pk, v=pv), mask, bias, attn_keep,
+                                       options)
+        dq, dk, dv, dpk, dpv, dbias = grads
         num_tasks, prefix_p = prefix_k.shape[0], options.dropout.prefix_p
         dpk = reduce_prefix_grad(_drop(dpk, keep_k, prefix_p), task_ids, num_tasks)
         dpv = reduce_prefix_grad(_drop(dpv, keep_v, prefix_p), task_ids, num_tasks)
+        dbias = dbias.to(bias.dtype) if ctx.needs_input_grad[7] else None
         return (*(g.to(q.dtype) for g in (dq, dk, dv)), dpk.to(prefix_k.dtype), dpv.to(prefix_k.dtype),
-                None, None, None)
+                None, None, dbias, None)
 
 
-def torch_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, options: Options) -> torch.Tensor:
+def torch_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options) -> torch.Tensor:
     """Validated entry point of the torch backend (see :func:`ptv2_kernels.prefix_attention`)."""
-    return TorchPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, options)
+    return TorchPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)

@@ -57,18 +57,21 @@ def _like_bnhd(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(batch, seq, heads, dim).transpose(1, 2)
 
 
-def _common_args(q, prefix_k, mask, task_ids):
+def _common_args(q, prefix_k, mask, task_ids, bias):
     dummy = q.new_empty(0, dtype=torch.int64)
     batch, heads, seq, dim = q.shape
+    bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
     return dict(
         TaskIds=dummy if task_ids is None else task_ids,
         Mask=dummy if mask is None else mask.view(torch.uint8),
+        Bias=dummy if bias is None else bias,
+        **dict(zip(("stride_bb", "stride_bh", "stride_bm", "stride_bn"), bias_strides)),
         H=heads, N=seq, P=prefix_k.shape[2], D=dim,
-        HAS_MASK=mask is not None, HAS_TASKS=task_ids is not None,
+        HAS_MASK=mask is not None, HAS_TASKS=task_ids is not None, HAS_BIAS=bias is not None,
     )
 
 
-def _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, options: Options):
+def _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options):
     batch, heads, seq, _ = q.shape
     out = _like_bnhd(q)
     lse = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)
@@ -76,17 +79,18 @@ def _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, options: Options):
     grid = (triton.cdiv(seq, tiling["BLOCK_M"]), batch * heads)
     kernels.prefix_attention_fwd_kernel[grid](
         q, k, v, prefix_k, prefix_v, Out=out, Lse=lse, **_strides(q=q, k=k, v=v, o=out),
-        scale_log2=options.scale * LOG2_E, **_common_args(q, prefix_k, mask, task_ids),
+        scale_log2=options.scale * LOG2_E, **_common_args(q, prefix_k, mask, task_ids, bias),
         **_dropout_args(options.dropout), **tiling,
     )
     return out, lse
 
 
-def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse, options: Options):
+def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out, lse, options: Options, bias_grad: bool):
+    """(dq, dk, dv, float32 dprefix_k, float32 dprefix_v, dbias or None)."""
     batch, heads, seq, dim = q.shape
     num_prefix = prefix_k.shape[2]
     tiling = _tiling(q)
-    common = _common_args(q, prefix_k, mask, task_ids)
+    common = _common_args(q, prefix_k, mask, task_ids, bias)
     dropout = _dropout_args(options.dropout)
     scales = dict(scale=options.scale, scale_log2=options.scale * LOG2_E)
 
@@ -105,12 +109,14 @@ def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse, opti
     dk, dv = _like_bnhd(k), _like_bnhd(v)
     dpk = torch.zeros(prefix_k.shape, device=q.device, dtype=torch.float32)
     dpv = torch.zeros_like(dpk)
+    dbias = torch.empty(batch, heads, seq, seq, device=q.device, dtype=bias.dtype) if bias_grad else None
     prefix_blocks = triton.cdiv(num_prefix, tiling["BLOCK_N"])
     seq_blocks = triton.cdiv(seq, tiling["BLOCK_N"])
 
     def launch_dkdv(grid, prefix_programs, deterministic):
         kernels.prefix_attention_bwd_dkdv_kernel[grid](
             q, k, v, prefix_k, prefix_v, DOut=d_out, Lse=lse, Delta=delta, DK=dk, DV=dv, DPK=dpk, DPV=dpv,
+            DBias=dpk if dbias is None else dbias, BIAS_GRAD=bias_grad,
             **_strides(q=q, k=k, v=v, g=d_out, dk=dk, dv=dv), B=batch, PREFIX_BLOCKS=prefix_programs,
             DETERMINISTIC=deterministic, **scales, **common, **dropout, **tiling,
         )
@@ -121,30 +127,33 @@ def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse, opti
             launch_dkdv((prefix_blocks, heads), prefix_blocks, True)
     else:
         launch_dkdv((prefix_blocks + seq_blocks, batch * heads), prefix_blocks, False)
-    return dq, dk, dv, dpk, dpv
+    return dq, dk, dv, dpk, dpv, dbias
 
 
 class TritonPrefixAttention(torch.autograd.Function):
     """Inputs: q, k, v ``[B, H, N, D]`` (unit last stride); prefix_k, prefix_v contiguous
-    ``[T, H, P, D]``; bool mask ``[B, N]`` (contiguous) or None; task_ids ``[B]`` or None; :class:`Options`."""
+    ``[T, H, P, D]``; bool mask ``[B, N]`` (contiguous) or None; task_ids ``[B]`` or None; attention
+    bias ``[B, H, N, N]`` (any strides) or None; :class:`Options`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, options: Options):
-        out, lse = _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, options)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse)
+    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options):
+        out, lse = _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out, lse)
         ctx.options = options
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out, lse = ctx.saved_tensors
         if d_out.stride(-1) != 1:
             d_out = d_out.contiguous()
-        dq, dk, dv, dpk, dpv = _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse, ctx.options)
-        return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), None, None, None
+        dq, dk, dv, dpk, dpv, dbias = _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out, lse,
+                                                ctx.options, bias_grad=ctx.needs_input_grad[7])
+        return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), None, None, dbias, None
 
 
 def triton_prefix_attention(q, k, v, prefix_k, prefix_v, mask: Optional[torch.Tensor],
-                            task_ids: Optional[torch.Tensor], options: Options) -> torch.Tensor:
+                            task_ids: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                            options: Options) -> torch.Tensor:
     """Validated entry point of the Triton backend (see :func:`ptv2_kernels.prefix_attention`)."""
-    return TritonPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, options)
+    return TritonPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
