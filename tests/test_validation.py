@@ -61,7 +61,7 @@ CASES = [
     (args(), {"scale": 0.0}, ValueError, "scale must be a finite positive number"),
     (args(), {"scale": float("nan")}, ValueError, "scale must be a finite positive number"),
     (args(), {"backend": "flash"}, ValueError, "backend must be one of"),
-    (args(), {"backend": "cuda"}, RuntimeError, "backend='cuda' is not available"),
+    (args(), {"backend": "cuda"}, ValueError, "backend='cuda' needs CUDA tensors"),
     ([torch.randn(0, H, N, D) for _ in range(3)] + args()[3:], {}, ValueError, "q must have non-empty"),
     (args(), {"attn_bias": torch.randn(B, H, N, N + 1)}, ValueError, "attn_bias must be [B, H, N, N]"),
     (args(), {"attn_bias": torch.ones(B, H, N, N, dtype=torch.int32)}, TypeError, "attn_bias must be a floating"),

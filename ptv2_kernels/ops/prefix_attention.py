@@ -140,11 +140,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that runs: ``auto`` is triton on a GPU and torch on the CPU."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
+    if backend == "auto":  # triton until the CUDA kernels have been validated on a GPU
         return "triton" if device.type == "cuda" else "torch"
     if backend == "cuda":
-        raise RuntimeError("backend='cuda' is not available: the CUDA kernels (csrc/) are not built in this "
-                           "version; use backend='triton' or 'torch'")
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got q on {device}")
+        from .cuda_backend import cuda_status
+
+        available, reason = cuda_status()
+        if not available:
+            raise RuntimeError(reason)
     if backend == "triton" and device.type == "cpu":
         from .triton_backend import interpreting
 
@@ -222,8 +227,16 @@ def prefix_attention(
     if prefix_k.dim() == 3:
         prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
     if backend == "torch":
-        from .torch_backend import torch_prefix_attention as run
-    else:
-        from .triton_backend import triton_prefix_attention as run
-        prefix_k, prefix_v = prefix_k.contiguous(), prefix_v.contiguous()
-    return run(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
+        from .torch_backend import torch_prefix_attention
+
+        return torch_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
+    prefix_k, prefix_v = prefix_k.contiguous(), prefix_v.contiguous()
+    if backend == "cuda":
+        if bias is not None:
+            raise ValueError("attn_bias is not supported by backend='cuda' yet; use backend='triton' or 'torch'")
+        from .cuda_backend import cuda_prefix_attention
+
+        return cuda_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, options)
+    from .triton_backend import triton_prefix_attention
+
+    return triton_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
