@@ -324,6 +324,23 @@ def test_unsupported_models_and_options():
     assert not hasattr(model, "prefix_encoder")  # failed patches leave nothing behind
 
 
+def test_old_transformers_is_refused(monkeypatch):
+    monkeypatch.setattr(transformers, "__version__", "4.46.3")
+    with pytest.raises(RuntimeError, match="transformers 4.46.3"):
+        patch_model(tiny_model("bert"), PREFIX_LEN)
+
+
+def test_bfloat16_model_with_float32_prefix():
+    """The prefix parameters stay float32; the patched attention casts them to the activations' dtype."""
+    model = tiny_model("roberta").to(torch.bfloat16)
+    encoder = patch_model(model, PREFIX_LEN)
+    assert encoder.prefix.dtype == torch.float32
+    logits = model(**random_inputs(model)).logits
+    assert logits.dtype == torch.bfloat16
+    logits.float().sum().backward()
+    assert encoder.prefix.grad.dtype == torch.float32 and encoder.prefix.grad.abs().sum() > 0
+
+
 def test_patch_twice_and_unpatch_unpatched():
     model = tiny_model("bert")
     with pytest.raises(ValueError, match="not patched"):
