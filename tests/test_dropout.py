@@ -27,9 +27,9 @@ def torch_backend_masks(seed, batch, heads, seq, num_prefix, dim, p, prefix_p):
     return attn, keep((batch, heads, num_prefix, dim), prefix_p), keep((batch, heads, num_prefix, dim), prefix_p)
 
 
-BACKENDS = {
-    "triton": (TritonPrefixAttention, kernel_dropout_masks),
-    "torch": (TorchPrefixAttention, torch_backend_masks),
+BACKENDS = {  # (apply(q, k, v, prefix_k, prefix_v, mask, task_ids, options), the masks it must use)
+    "triton": (lambda *t: TritonPrefixAttention.apply(*t[:7], None, None, t[7]), kernel_dropout_masks),
+    "torch": (lambda *t: TorchPrefixAttention.apply(*t[:7], None, t[7]), torch_backend_masks),
 }
 
 
@@ -47,7 +47,7 @@ def test_backward_sees_the_forward_masks(backend, p, prefix_p, num_prefix, tasks
                                                  padded_rows=((1, 20),))
     prefix = [t if tasks else t.unsqueeze(0) for t in tensors[3:]]
     options = Options(scale=dim**-0.5, dropout=Dropout(p, prefix_p, seed))
-    got = run_with_grads(lambda *t: function.apply(*t, mask, task_ids, None, options), tensors[:3] + prefix, d_out,
+    got = run_with_grads(lambda *t: function(*t, mask, task_ids, options), tensors[:3] + prefix, d_out,
                          packed=True)
     attn_keep, keep_k, keep_v = masks(seed, batch, heads, seq, num_prefix, dim, p, prefix_p)
     ref = run_with_grads(reference_attention, [t.double() for t in tensors], d_out.double(), mask=mask,

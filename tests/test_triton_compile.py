@@ -41,18 +41,23 @@ COMPILE_SCRIPT = textwrap.dedent('''
         print(fn.__name__, dtype, arch, "shared", compiled.metadata.shared, flush=True)
 
     tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64)
-    everything = dict(HAS_MASK=True, HAS_TASKS=True, HAS_BIAS=True, ATTN_DROPOUT=True, PREFIX_DROPOUT=True, **tiles)
-    nothing = dict(HAS_MASK=False, HAS_TASKS=False, HAS_BIAS=False, ATTN_DROPOUT=False, PREFIX_DROPOUT=False, **tiles)
+    everything = dict(HAS_MASK=True, HAS_TASKS=True, HAS_BIAS=True, VARLEN=False, ATTN_DROPOUT=True,
+                      PREFIX_DROPOUT=True, **tiles)
+    nothing = dict(HAS_MASK=False, HAS_TASKS=False, HAS_BIAS=False, VARLEN=False, ATTN_DROPOUT=False,
+                   PREFIX_DROPOUT=False, **tiles)
+    packed = dict(nothing, HAS_TASKS=True, VARLEN=True, ATTN_DROPOUT=True)
     arch = int(sys.argv[1])
     compile_kernel(kernels.prefix_attention_fwd_kernel, "bf16", arch, DOT_FP32=False, **everything)
     if arch >= 90:
         compile_kernel(kernels.prefix_attention_fwd_kernel, "fp32", arch, DOT_FP32=True, **nothing)
-        compile_kernel(kernels.prefix_attention_bwd_preprocess_kernel, "bf16", arch, BLOCK_M=64, BLOCK_D=64)
+        compile_kernel(kernels.prefix_attention_fwd_kernel, "fp16", arch, DOT_FP32=False, **packed)
+        compile_kernel(kernels.prefix_attention_bwd_preprocess_kernel, "bf16", arch, VARLEN=True, BLOCK_M=64,
+                       BLOCK_D=64)
         compile_kernel(kernels.prefix_attention_bwd_dq_kernel, "bf16", arch, DOT_FP32=False, **everything)
         compile_kernel(kernels.prefix_attention_bwd_dkdv_kernel, "bf16", arch, DOT_FP32=False, DETERMINISTIC=False,
                        BIAS_GRAD=True, **everything)
         compile_kernel(kernels.prefix_attention_bwd_dkdv_kernel, "fp16", arch, DOT_FP32=False, DETERMINISTIC=True,
-                       BIAS_GRAD=False, **nothing)
+                       BIAS_GRAD=False, **packed)
 ''')
 
 

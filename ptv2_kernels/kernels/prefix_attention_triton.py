@@ -6,7 +6,9 @@ or concatenates it. Columns ``0 .. P-1`` of the attention are the prefix, ``P ..
 
 Layouts
 - q, k, v, out, d_out, dq, dk, dv: ``[B, H, N, D]`` with arbitrary batch/head/sequence strides and a
-  unit last stride (so views of transformers' ``[B, N, H, D]`` tensors are read in place).
+  unit last stride (so views of transformers' ``[B, N, H, D]`` tensors are read in place). With VARLEN
+  they are packed ``[total_tokens, H, D]`` (batch stride 0): row ``b`` is tokens ``cu_seqlens[b] ..
+  cu_seqlens[b+1]-1`` and N is the longest row.
 - prefix_k, prefix_v: contiguous ``[T, H, P, D]``; their gradients: float32 ``[T, H, P, D]``.
 - key padding mask: contiguous ``[B, N]`` uint8 (1 = real token).
 - lse, delta: float32 ``[B, H, N]``; ``lse`` is the row log-sum-exp in base 2 of the scaled scores,
@@ -80,6 +82,17 @@ def _load_prefix_tile(PK, PV, task, h, bh, offs_p, offs_d, H, P, D, seed, prefix
 
 
 @triton.jit
+def _sequence(CuSeqlens, b, N, VARLEN: tl.constexpr):
+    """(first token as int64, length) of batch row ``b``: a slice of the packed tokens with VARLEN,
+    else the whole padded row (offset 0, length N)."""
+    if VARLEN:
+        first = tl.load(CuSeqlens + b).to(tl.int64)
+        return first, (tl.load(CuSeqlens + b + 1) - first).to(tl.int32)
+    else:
+        return b.to(tl.int64) * 0, N
+
+
+@triton.jit
 def _load_bias(Bias, b, h, rows, cols, N, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS: tl.constexpr):
     """Bias of query ``rows`` and sequence columns ``cols`` (broadcastable index tensors, so both
     orientations work), in base-2 units; 0 outside the sequence or without a bias."""
@@ -91,11 +104,12 @@ def _load_bias(Bias, b, h, rows, cols, N, stride_bb, stride_bh, stride_bm, strid
 
 
 @triton.jit
-def _column_valid(Mask, b, offs_n, N, HAS_MASK: tl.constexpr):
-    """Which sequence columns ``offs_n`` of batch row ``b`` are real (in range and not padding)."""
-    valid = offs_n < N
+def _column_valid(Mask, b, offs_n, n, N, HAS_MASK: tl.constexpr):
+    """Which sequence columns ``offs_n`` of batch row ``b`` (length ``n``, mask row stride ``N``) are
+    real: in range and not padding."""
+    valid = offs_n < n
     if HAS_MASK:
-        valid &= tl.load(Mask + b.to(tl.int64) * N + offs_n, mask=offs_n < N, other=0) != 0
+        valid &= tl.load(Mask + b.to(tl.int64) * N + offs_n, mask=offs_n < n, other=0) != 0
     return valid
 
 
@@ -120,13 +134,13 @@ def _fwd_block(q, k, v, bias, col_valid, cols, rows, bh, m_i, l_i, acc, scale_lo
 
 @triton.jit
 def prefix_attention_fwd_kernel(
-    Q, K, V, PK, PV, TaskIds, Mask, Bias, Out, Lse,
+    Q, K, V, PK, PV, TaskIds, Mask, Bias, CuSeqlens, Out, Lse,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     stride_bb, stride_bh, stride_bm, stride_bn,
     H, N, P, D, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
-    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, ATTN_DROPOUT: tl.constexpr,
-    PREFIX_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
+    ATTN_DROPOUT: tl.constexpr, PREFIX_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_M), B*H): one query tile against the prefix tiles, then the sequence tiles."""
@@ -134,9 +148,12 @@ def prefix_attention_fwd_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    tok0, n = _sequence(CuSeqlens, b, N, VARLEN)
+    if pid_m * BLOCK_M >= n:
+        return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, rows, N, stride_qn, offs_d, D)
+    q = _load_rows(Q + b.to(tl.int64) * stride_qb + tok0 * stride_qn + h * stride_qh, rows, n, stride_qn, offs_d, D)
     task = tl.load(TaskIds + b) if HAS_TASKS else b * 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -148,13 +165,13 @@ def prefix_attention_fwd_kernel(
                                          prefix_scale, PREFIX_DROPOUT)
         m_i, l_i, acc = _fwd_block(q, pk, pv, 0.0, cols < P, cols, rows, bh, m_i, l_i, acc, scale_log2, seed,
                                    threshold, drop_scale, ATTN_DROPOUT, DOT_FP32)
-    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
-    for start in range(0, N, BLOCK_N):
+    k_base = K + b.to(tl.int64) * stride_kb + tok0 * stride_kn + h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + tok0 * stride_vn + h * stride_vh
+    for start in range(0, n, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, N, stride_kn, offs_d, D)
-        v = _load_rows(v_base, offs_n, N, stride_vn, offs_d, D)
-        valid = _column_valid(Mask, b, offs_n, N, HAS_MASK)
+        k = _load_rows(k_base, offs_n, n, stride_kn, offs_d, D)
+        v = _load_rows(v_base, offs_n, n, stride_vn, offs_d, D)
+        valid = _column_valid(Mask, b, offs_n, n, N, HAS_MASK)
         bias = _load_bias(Bias, b, h, rows[:, None], offs_n[None, :], N, stride_bb, stride_bh, stride_bm, stride_bn,
                           HAS_BIAS)
         m_i, l_i, acc = _fwd_block(q, k, v, bias, valid, P + offs_n, rows, bh, m_i, l_i, acc, scale_log2, seed,
@@ -163,28 +180,31 @@ def prefix_attention_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    row_ok = rows < N
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_on + offs_d[None, :]
+    row_ok = rows < n
+    o_ptrs = (Out + b.to(tl.int64) * stride_ob + h * stride_oh + (tok0 + rows[:, None]) * stride_on
+              + offs_d[None, :])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
     tl.store(Lse + bh.to(tl.int64) * N + rows, lse, mask=row_ok)
 
 
 @triton.jit
 def prefix_attention_bwd_preprocess_kernel(
-    Out, DOut, Delta, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
-    H, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    Out, DOut, Delta, CuSeqlens, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
+    H, N, D, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d out * d_out (the softmax-backward row term; unchanged by dropout)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    tok0, n = _sequence(CuSeqlens, b, N, VARLEN)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(Out + b.to(tl.int64) * stride_ob + h * stride_oh, rows, N, stride_on, offs_d, D)
-    do = _load_rows(DOut + b.to(tl.int64) * stride_gb + h * stride_gh, rows, N, stride_gn, offs_d, D)
+    o = _load_rows(Out + b.to(tl.int64) * stride_ob + tok0 * stride_on + h * stride_oh, rows, n, stride_on, offs_d, D)
+    do = _load_rows(DOut + b.to(tl.int64) * stride_gb + tok0 * stride_gn + h * stride_gh, rows, n, stride_gn, offs_d,
+                    D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + bh.to(tl.int64) * N + rows, delta, mask=rows < N)
+    tl.store(Delta + bh.to(tl.int64) * N + rows, delta, mask=rows < n)
 
 
 @triton.jit
@@ -203,13 +223,13 @@ def _dq_block(q, do, k, v, bias, lse, delta, col_valid, cols, rows, bh, dq, scal
 
 @triton.jit
 def prefix_attention_bwd_dq_kernel(
-    Q, K, V, PK, PV, TaskIds, Mask, Bias, DOut, Lse, Delta, DQ,
+    Q, K, V, PK, PV, TaskIds, Mask, Bias, CuSeqlens, DOut, Lse, Delta, DQ,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn,
     stride_dqb, stride_dqh, stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn,
     H, N, P, D, scale, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
-    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, ATTN_DROPOUT: tl.constexpr,
-    PREFIX_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
+    ATTN_DROPOUT: tl.constexpr, PREFIX_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_M), B*H): dq of one query tile, over the prefix tiles then the sequence tiles."""
@@ -217,12 +237,16 @@ def prefix_attention_bwd_dq_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    tok0, n = _sequence(CuSeqlens, b, N, VARLEN)
+    if pid_m * BLOCK_M >= n:
+        return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, rows, N, stride_qn, offs_d, D)
-    do = _load_rows(DOut + b.to(tl.int64) * stride_gb + h * stride_gh, rows, N, stride_gn, offs_d, D)
-    lse = tl.load(Lse + bh.to(tl.int64) * N + rows, mask=rows < N, other=float("inf"))
-    delta = tl.load(Delta + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
+    q = _load_rows(Q + b.to(tl.int64) * stride_qb + tok0 * stride_qn + h * stride_qh, rows, n, stride_qn, offs_d, D)
+    do = _load_rows(DOut + b.to(tl.int64) * stride_gb + tok0 * stride_gn + h * stride_gh, rows, n, stride_gn, offs_d,
+                    D)
+    lse = tl.load(Lse + bh.to(tl.int64) * N + rows, mask=rows < n, other=float("inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * N + rows, mask=rows < n, other=0.0)
     task = tl.load(TaskIds + b) if HAS_TASKS else b * 0
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -232,44 +256,46 @@ def prefix_attention_bwd_dq_kernel(
                                          prefix_scale, PREFIX_DROPOUT)
         dq = _dq_block(q, do, pk, pv, 0.0, lse, delta, cols < P, cols, rows, bh, dq, scale_log2, seed, threshold,
                        drop_scale, ATTN_DROPOUT, DOT_FP32)
-    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
-    for start in range(0, N, BLOCK_N):
+    k_base = K + b.to(tl.int64) * stride_kb + tok0 * stride_kn + h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + tok0 * stride_vn + h * stride_vh
+    for start in range(0, n, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, N, stride_kn, offs_d, D)
-        v = _load_rows(v_base, offs_n, N, stride_vn, offs_d, D)
-        valid = _column_valid(Mask, b, offs_n, N, HAS_MASK)
+        k = _load_rows(k_base, offs_n, n, stride_kn, offs_d, D)
+        v = _load_rows(v_base, offs_n, n, stride_vn, offs_d, D)
+        valid = _column_valid(Mask, b, offs_n, n, N, HAS_MASK)
         bias = _load_bias(Bias, b, h, rows[:, None], offs_n[None, :], N, stride_bb, stride_bh, stride_bm, stride_bn,
                           HAS_BIAS)
         dq = _dq_block(q, do, k, v, bias, lse, delta, valid, P + offs_n, rows, bh, dq, scale_log2, seed, threshold,
                        drop_scale, ATTN_DROPOUT, DOT_FP32)
 
-    dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + rows[:, None].to(tl.int64) * stride_dqn + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < N) & (offs_d[None, :] < D))
+    dq_ptrs = (DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + (tok0 + rows[:, None]) * stride_dqn
+               + offs_d[None, :])
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < n) & (offs_d[None, :] < D))
 
 
 @triton.jit
-def _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, k, v, col_valid, cols, seq_cols,
+def _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, tok0, n, k, v, col_valid, cols, seq_cols,
                stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
                stride_bb, stride_bh, stride_bm, stride_bn,
                N, D, scale_log2, seed, threshold, drop_scale,
                HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, ATTN_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dk (before the softmax scale) and dv of one tile of columns of batch row ``b``, head ``h``, summed
-    over all query tiles; ``[BLOCK_N, *]`` (transposed) orientation. ``cols`` index the joint columns
+    over all query tiles (the row's ``n`` queries start at token ``tok0``; ``N`` is the lse/bias row
+    stride); ``[BLOCK_N, *]`` (transposed) orientation. ``cols`` index the joint columns
     (dropout counters), ``seq_cols`` the sequence (bias; only read with HAS_BIAS). With BIAS_GRAD the
     score gradient of the tile is the bias gradient and is written to ``DBias``."""
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-    do_base = DOut + b.to(tl.int64) * stride_gb + h * stride_gh
+    q_base = Q + b.to(tl.int64) * stride_qb + tok0 * stride_qn + h * stride_qh
+    do_base = DOut + b.to(tl.int64) * stride_gb + tok0 * stride_gn + h * stride_gh
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, N, BLOCK_M):
+    for start in range(0, n, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_base, rows, N, stride_qn, offs_d, D)
-        do = _load_rows(do_base, rows, N, stride_gn, offs_d, D)
-        lse = tl.load(Lse + bh.to(tl.int64) * N + rows, mask=rows < N, other=float("inf"))
-        delta = tl.load(Delta + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
+        q = _load_rows(q_base, rows, n, stride_qn, offs_d, D)
+        do = _load_rows(do_base, rows, n, stride_gn, offs_d, D)
+        lse = tl.load(Lse + bh.to(tl.int64) * N + rows, mask=rows < n, other=float("inf"))
+        delta = tl.load(Delta + bh.to(tl.int64) * N + rows, mask=rows < n, other=0.0)
         bias_t = _load_bias(Bias, b, h, rows[None, :], seq_cols[:, None], N, stride_bb, stride_bh, stride_bm,
                             stride_bn, HAS_BIAS)
         s_t = _dot(k, tl.trans(q), DOT_FP32) * scale_log2 + bias_t
@@ -291,7 +317,7 @@ def _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, k, v, col_valid, cols
 
 @triton.jit
 def prefix_attention_bwd_dkdv_kernel(
-    Q, K, V, PK, PV, TaskIds, Mask, Bias, DOut, Lse, Delta, DK, DV, DPK, DPV, DBias,
+    Q, K, V, PK, PV, TaskIds, Mask, Bias, CuSeqlens, DOut, Lse, Delta, DK, DV, DPK, DPV, DBias,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -299,7 +325,7 @@ def prefix_attention_bwd_dkdv_kernel(
     B, H, N, P, D, scale, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
     PREFIX_BLOCKS,
     HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    ATTN_DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, ATTN_DROPOUT: tl.constexpr,
     PREFIX_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -328,10 +354,11 @@ def prefix_attention_bwd_dkdv_kernel(
         for b_index in range(b_first, b_last):
             b = b_index + tl.zeros([], tl.int32)  # a tensor also when the loop yields Python ints
             bh = b * H + h
+            tok0, n = _sequence(CuSeqlens, b, N, VARLEN)
             task = tl.load(TaskIds + b) if HAS_TASKS else b * 0
             pk, pv, keep_k, keep_v = _load_prefix_tile(PK, PV, task, h, bh, cols, offs_d, H, P, D, seed,
                                                        prefix_threshold, prefix_scale, PREFIX_DROPOUT)
-            dk, dv = _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, pk, pv, col_valid, cols, cols,
+            dk, dv = _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, tok0, n, pk, pv, col_valid, cols, cols,
                                 stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
                                 stride_bb, stride_bh, stride_bm, stride_bn,
                                 N, D, scale_log2, seed, threshold, drop_scale,
@@ -352,17 +379,18 @@ def prefix_attention_bwd_dkdv_kernel(
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
+        tok0, n = _sequence(CuSeqlens, b, N, VARLEN)
         cols = (pid_n - PREFIX_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_rows(K + b.to(tl.int64) * stride_kb + h * stride_kh, cols, N, stride_kn, offs_d, D)
-        v = _load_rows(V + b.to(tl.int64) * stride_vb + h * stride_vh, cols, N, stride_vn, offs_d, D)
-        valid = _column_valid(Mask, b, cols, N, HAS_MASK)
-        dk, dv = _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, k, v, valid, P + cols, cols,
+        k = _load_rows(K + b.to(tl.int64) * stride_kb + tok0 * stride_kn + h * stride_kh, cols, n, stride_kn, offs_d, D)
+        v = _load_rows(V + b.to(tl.int64) * stride_vb + tok0 * stride_vn + h * stride_vh, cols, n, stride_vn, offs_d, D)
+        valid = _column_valid(Mask, b, cols, n, N, HAS_MASK)
+        dk, dv = _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, tok0, n, k, v, valid, P + cols, cols,
                             stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
                             stride_bb, stride_bh, stride_bm, stride_bn,
                             N, D, scale_log2, seed, threshold, drop_scale,
                             HAS_BIAS, BIAS_GRAD, ATTN_DROPOUT, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
-        ok = (cols[:, None] < N) & d_ok
-        row = cols[:, None].to(tl.int64)
+        ok = (cols[:, None] < n) & d_ok
+        row = tok0 + cols[:, None]
         tl.store(DK + b.to(tl.int64) * stride_dkb + h * stride_dkh + row * stride_dkn + offs_d[None, :],
                  (dk * scale).to(DK.dtype.element_ty), mask=ok)
         tl.store(DV + b.to(tl.int64) * stride_dvb + h * stride_dvh + row * stride_dvn + offs_d[None, :],

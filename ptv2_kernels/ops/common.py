@@ -27,6 +27,7 @@ class Options:
     scale: float
     dropout: Dropout
     deterministic: bool = False
+    max_seqlen: int = 0  # packed calls: the longest row (N of the kernels' grid and lse layout)
 
 
 def prefix_rows(prefix: torch.Tensor, task_ids: Optional[torch.Tensor]) -> torch.Tensor:

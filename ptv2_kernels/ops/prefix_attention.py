@@ -1,5 +1,6 @@
-"""``prefix_attention``: the public op (SPEC §3). Validates every argument, normalises the prefix to a
-``[T, H, P, D]`` buffer, draws the dropout seed and dispatches to a backend."""
+"""``prefix_attention`` (SPEC §3) and its packed variable-length twin ``prefix_attention_varlen``: the
+public ops. Validate every argument, normalise the prefix to a ``[T, H, P, D]`` buffer, draw the
+dropout seed and dispatch to a backend."""
 
 import math
 from typing import Optional
@@ -14,21 +15,22 @@ TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
 KERNEL_HEAD_DIMS = range(16, 129)
 
 
-def _check_qkv(q, k, v):
+def _check_qkv(q, k, v, layout="[B, H, N, D]"):
+    """q, k, v of one shape in ``layout`` (padded ``[B, H, N, D]`` or packed ``[total_tokens, H, D]``;
+    H is dimension 1 and D the last in both), non-empty, unit last stride."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(t.shape)}")
+        if t.dim() != layout.count(",") + 1:
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a unit stride in its last (head_dim) dimension, got strides "
                              f"{tuple(t.stride())}")
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
-            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)} ([B, H, N, D]), got {tuple(t.shape)}")
-    batch, heads, seq, dim = q.shape
-    if batch == 0 or seq == 0 or heads == 0 or dim == 0:
-        raise ValueError(f"q must have non-empty B, H, N and D, got shape {tuple(q.shape)}")
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)} ({layout}), got {tuple(t.shape)}")
+    if q.numel() == 0:
+        raise ValueError(f"q must have non-empty dimensions {layout}, got shape {tuple(q.shape)}")
 
 
 def _check_prefix(q, prefix_k, prefix_v):
@@ -37,7 +39,7 @@ def _check_prefix(q, prefix_k, prefix_v):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() not in (3, 4):
             raise ValueError(f"{name} must be [H, P, D] or a bank [T, H, P, D], got shape {tuple(t.shape)}")
-    heads, dim = q.shape[1], q.shape[3]
+    heads, dim = q.shape[1], q.shape[-1]
     if prefix_k.shape[-3] != heads or prefix_k.shape[-1] != dim:
         raise ValueError(f"prefix_k must be [H={heads}, P, D={dim}] (or [T, {heads}, P, {dim}]) to match q, "
                          f"got shape {tuple(prefix_k.shape)}")
@@ -75,7 +77,7 @@ def _check_mask(q, mask):
     return mask.contiguous()
 
 
-def _check_task_ids(q, prefix_k, task_ids):
+def _check_task_ids(q, batch, prefix_k, task_ids):
     is_bank = prefix_k.dim() == 4
     if task_ids is None:
         if is_bank:
@@ -88,8 +90,8 @@ def _check_task_ids(q, prefix_k, task_ids):
         raise TypeError(f"task_ids must be a torch.Tensor, got {type(task_ids).__name__}")
     if task_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"task_ids must be an int64 (or int32) tensor, got dtype {task_ids.dtype}")
-    if task_ids.shape != (q.shape[0],):
-        raise ValueError(f"task_ids must be [B] = [{q.shape[0]}], got shape {tuple(task_ids.shape)}")
+    if task_ids.shape != (batch,):
+        raise ValueError(f"task_ids must be [B] = [{batch}], got shape {tuple(task_ids.shape)}")
     if task_ids.device != q.device:
         raise ValueError(f"task_ids is on {task_ids.device} but q is on {q.device}")
     num_tasks = prefix_k.shape[0]
@@ -160,11 +162,56 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _check_cu_seqlens(q, cu_seqlens, max_seqlen):
+    """``cu_seqlens`` ``[B + 1]`` int32/int64 from 0 to total_tokens, non-decreasing; returns it as
+    contiguous int64 and ``max_seqlen`` (the longest row, computed if None, checked if given)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got dtype {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be [B + 1] with B >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    bounds = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != q.shape[0] or min(lengths) < 0:
+        raise ValueError(f"cu_seqlens must rise from 0 to total_tokens = {q.shape[0]} without decreasing, got "
+                         f"{bounds if len(bounds) <= 8 else bounds[:4] + ['...'] + bounds[-2:]}")
+    longest = max(lengths)
+    if max_seqlen is None:
+        return cu_seqlens.to(torch.int64).contiguous(), longest
+    if not isinstance(max_seqlen, int) or max_seqlen < longest:
+        raise ValueError(f"max_seqlen must be an int >= the longest row ({longest}), got {max_seqlen!r}")
+    return cu_seqlens.to(torch.int64).contiguous(), max_seqlen
+
+
 def _seed(dropout_p: float, prefix_dropout_p: float) -> int:
     """A fresh 63-bit seed from torch's default CPU generator (so ``torch.manual_seed`` governs it)."""
     if dropout_p == 0.0 and prefix_dropout_p == 0.0:
         return 0
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
+def _options(head_dim, scale, dropout_p, prefix_dropout_p, deterministic, max_seqlen=0) -> Options:
+    dropout_p = _check_probability("dropout_p", dropout_p)
+    prefix_dropout_p = _check_probability("prefix_dropout_p", prefix_dropout_p)
+    return Options(
+        scale=_check_scale(scale, head_dim),
+        dropout=Dropout(dropout_p, prefix_dropout_p, _seed(dropout_p, prefix_dropout_p)),
+        deterministic=bool(deterministic) or torch.are_deterministic_algorithms_enabled(),
+        max_seqlen=max_seqlen,
+    )
+
+
+def _bank(prefix_k, prefix_v, backend):
+    """The prefix as a ``[T, H, P, D]`` bank (T = 1 for a single prefix; a view), contiguous for the
+    fused kernels (a copy only if it was not: the prefix is small)."""
+    if prefix_k.dim() == 3:
+        prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
+    if backend != "torch":
+        prefix_k, prefix_v = prefix_k.contiguous(), prefix_v.contiguous()
+    return prefix_k, prefix_v
 
 
 def prefix_attention(
@@ -215,22 +262,14 @@ def prefix_attention(
     backend = resolve_backend(backend, q.device)
     _check_common(q, {"k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}, backend)
     mask = _check_mask(q, key_padding_mask)
-    task_ids = _check_task_ids(q, prefix_k, task_ids)
+    task_ids = _check_task_ids(q, q.shape[0], prefix_k, task_ids)
     bias = _check_bias(q, attn_bias)
-    dropout_p = _check_probability("dropout_p", dropout_p)
-    prefix_dropout_p = _check_probability("prefix_dropout_p", prefix_dropout_p)
-    options = Options(
-        scale=_check_scale(scale, q.shape[-1]),
-        dropout=Dropout(dropout_p, prefix_dropout_p, _seed(dropout_p, prefix_dropout_p)),
-        deterministic=bool(deterministic) or torch.are_deterministic_algorithms_enabled(),
-    )
-    if prefix_k.dim() == 3:
-        prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
+    options = _options(q.shape[-1], scale, dropout_p, prefix_dropout_p, deterministic)
+    prefix_k, prefix_v = _bank(prefix_k, prefix_v, backend)
     if backend == "torch":
         from .torch_backend import torch_prefix_attention
 
         return torch_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
-    prefix_k, prefix_v = prefix_k.contiguous(), prefix_v.contiguous()
     if backend == "cuda":
         if bias is not None:
             raise ValueError("attn_bias is not supported by backend='cuda' yet; use backend='triton' or 'torch'")
@@ -240,3 +279,54 @@ def prefix_attention(
     from .triton_backend import triton_prefix_attention
 
     return triton_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
+
+
+def prefix_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: Optional[int] = None,
+    task_ids: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    prefix_dropout_p: float = 0.0,
+    backend: str = "auto",
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """:func:`prefix_attention` on sequences packed without padding (FlashAttention's varlen layout).
+
+    Args:
+        q, k, v: packed ``[total_tokens, H, D]`` (strided views accepted, unit last stride); row ``b`` is
+            tokens ``cu_seqlens[b] .. cu_seqlens[b + 1] - 1`` and attends only to its own tokens and its
+            prefix.
+        cu_seqlens: ``[B + 1]`` int32/int64 cumulative lengths, from 0 to total_tokens.
+        max_seqlen: the longest row (computed from ``cu_seqlens`` if None).
+        Other arguments as :func:`prefix_attention` (no padding mask: there is no padding; no bias).
+        Dropout masks use the same counters as the padded op (query/column positions within the row).
+
+    Returns:
+        ``[total_tokens, H, D]``, differentiable in q, k, v, prefix_k and prefix_v. The Triton backend
+        reads the packed tokens in place; the torch backend pads, attends and unpacks.
+    """
+    _check_qkv(q, k, v, layout="[total_tokens, H, D]")
+    _check_prefix(q, prefix_k, prefix_v)
+    backend = resolve_backend(backend, q.device)
+    _check_common(q, {"k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}, backend)
+    cu_seqlens, max_seqlen = _check_cu_seqlens(q, cu_seqlens, max_seqlen)
+    task_ids = _check_task_ids(q, cu_seqlens.shape[0] - 1, prefix_k, task_ids)
+    options = _options(q.shape[-1], scale, dropout_p, prefix_dropout_p, deterministic, max_seqlen)
+    prefix_k, prefix_v = _bank(prefix_k, prefix_v, backend)
+    if backend == "torch":
+        from .torch_backend import torch_prefix_attention_varlen
+
+        return torch_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options)
+    if backend == "cuda":
+        raise ValueError("packed sequences (prefix_attention_varlen) are not supported by backend='cuda' yet; use "
+                         "backend='triton' or 'torch'")
+    from .triton_backend import triton_prefix_attention
+
+    return triton_prefix_attention(q, k, v, prefix_k, prefix_v, None, task_ids, None, options, cu_seqlens)

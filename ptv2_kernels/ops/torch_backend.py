@@ -218,3 +218,21 @@ class TorchPrefixAttention(torch.autograd.Function):
 def torch_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options) -> torch.Tensor:
     """Validated entry point of the torch backend (see :func:`ptv2_kernels.prefix_attention`)."""
     return TorchPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
+
+
+def torch_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options: Options):
+    """Packed ``[total, H, D]`` rows (``cu_seqlens``) through the padded path: scatter into
+    ``[B, N, H, D]`` with a key padding mask, attend, gather the real tokens back (all differentiable)."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    batch = lengths.shape[0]
+    row = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths)
+    position = torch.arange(q.shape[0], device=q.device) - cu_seqlens[row]
+
+    def pad(x):
+        padded = x.new_zeros(batch, options.max_seqlen, *x.shape[1:])
+        return padded.index_put((row, position), x).transpose(1, 2)
+
+    mask = torch.zeros(batch, options.max_seqlen, dtype=torch.bool, device=q.device)
+    mask[row, position] = True
+    out = torch_prefix_attention(pad(q), pad(k), pad(v), prefix_k, prefix_v, mask, task_ids, None, options)
+    return out.transpose(1, 2)[row, position]

@@ -1,5 +1,8 @@
 """Host side of the Triton backend: launches the kernels of ``kernels/prefix_attention_triton.py`` and
-wraps them in an autograd Function. Inputs arrive validated (``prefix_attention.py``)."""
+wraps them in an autograd Function. Inputs arrive validated (``prefix_attention.py``).
+
+q, k, v are either padded ``[B, H, N, D]`` or, with ``cu_seqlens``, packed ``[total_tokens, H, D]``
+(then ``options.max_seqlen`` is N, the longest row)."""
 
 from typing import Optional
 
@@ -46,67 +49,83 @@ def _tiling(q: torch.Tensor) -> dict:
 
 
 def _strides(**tensors: torch.Tensor) -> dict:
-    """Kernel arguments ``stride_<name>b/h/n`` of ``[B, H, N, D]`` tensors passed by name."""
-    return {f"stride_{name}{axis}": s for name, t in tensors.items() for axis, s in zip("bhn", t.stride())}
+    """Kernel arguments ``stride_<name>b/h/n`` of padded ``[B, H, N, D]`` or packed ``[total, H, D]``
+    (batch stride 0, token stride as sequence stride) tensors passed by name."""
+    def bhn(t):
+        return t.stride()[:3] if t.dim() == 4 else (0, t.stride(1), t.stride(0))
+
+    return {f"stride_{name}{axis}": s for name, t in tensors.items() for axis, s in zip("bhn", bhn(t))}
 
 
-def _like_bnhd(q: torch.Tensor) -> torch.Tensor:
-    """An uninitialised ``[B, H, N, D]`` tensor stored as ``[B, N, H, D]`` (what transformers reshapes
-    back to hidden states without a copy)."""
+def _empty_like_qkv(q: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor shaped like q: padded ``[B, H, N, D]`` stored as ``[B, N, H, D]`` (what
+    transformers reshapes back to hidden states without a copy), or contiguous packed ``[total, H, D]``."""
+    if q.dim() == 3:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
     batch, heads, seq, dim = q.shape
     return q.new_empty(batch, seq, heads, dim).transpose(1, 2)
 
 
-def _common_args(q, prefix_k, mask, task_ids, bias):
+def _sizes(q, cu_seqlens, options: Options):
+    """(B, H, N, D) of a padded or packed call."""
+    if cu_seqlens is None:
+        return tuple(q.shape)
+    return cu_seqlens.shape[0] - 1, q.shape[1], options.max_seqlen, q.shape[2]
+
+
+def _common_args(q, prefix_k, mask, task_ids, bias, cu_seqlens, options: Options):
     dummy = q.new_empty(0, dtype=torch.int64)
-    batch, heads, seq, dim = q.shape
+    batch, heads, seq, dim = _sizes(q, cu_seqlens, options)
     bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
     return dict(
         TaskIds=dummy if task_ids is None else task_ids,
         Mask=dummy if mask is None else mask.view(torch.uint8),
         Bias=dummy if bias is None else bias,
+        CuSeqlens=dummy if cu_seqlens is None else cu_seqlens,
         **dict(zip(("stride_bb", "stride_bh", "stride_bm", "stride_bn"), bias_strides)),
         H=heads, N=seq, P=prefix_k.shape[2], D=dim,
         HAS_MASK=mask is not None, HAS_TASKS=task_ids is not None, HAS_BIAS=bias is not None,
+        VARLEN=cu_seqlens is not None,
     )
 
 
-def _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options):
-    batch, heads, seq, _ = q.shape
-    out = _like_bnhd(q)
+def _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, options: Options):
+    batch, heads, seq, _ = _sizes(q, cu_seqlens, options)
+    out = _empty_like_qkv(q)
     lse = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)
     tiling = _tiling(q)
     grid = (triton.cdiv(seq, tiling["BLOCK_M"]), batch * heads)
     kernels.prefix_attention_fwd_kernel[grid](
         q, k, v, prefix_k, prefix_v, Out=out, Lse=lse, **_strides(q=q, k=k, v=v, o=out),
-        scale_log2=options.scale * LOG2_E, **_common_args(q, prefix_k, mask, task_ids, bias),
+        scale_log2=options.scale * LOG2_E, **_common_args(q, prefix_k, mask, task_ids, bias, cu_seqlens, options),
         **_dropout_args(options.dropout), **tiling,
     )
     return out, lse
 
 
-def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out, lse, options: Options, bias_grad: bool):
+def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, out, lse, options: Options,
+              bias_grad: bool):
     """(dq, dk, dv, float32 dprefix_k, float32 dprefix_v, dbias or None)."""
-    batch, heads, seq, dim = q.shape
+    batch, heads, seq, dim = _sizes(q, cu_seqlens, options)
     num_prefix = prefix_k.shape[2]
     tiling = _tiling(q)
-    common = _common_args(q, prefix_k, mask, task_ids, bias)
+    common = _common_args(q, prefix_k, mask, task_ids, bias, cu_seqlens, options)
     dropout = _dropout_args(options.dropout)
     scales = dict(scale=options.scale, scale_log2=options.scale * LOG2_E)
 
     delta = torch.empty_like(lse)
     rows_grid = (triton.cdiv(seq, tiling["BLOCK_M"]), batch * heads)
     kernels.prefix_attention_bwd_preprocess_kernel[rows_grid](
-        out, d_out, delta, **_strides(o=out, g=d_out), H=heads, N=seq, D=dim,
-        BLOCK_M=tiling["BLOCK_M"], BLOCK_D=tiling["BLOCK_D"],
+        out, d_out, delta, CuSeqlens=common["CuSeqlens"], **_strides(o=out, g=d_out), H=heads, N=seq, D=dim,
+        VARLEN=common["VARLEN"], BLOCK_M=tiling["BLOCK_M"], BLOCK_D=tiling["BLOCK_D"],
     )
-    dq = _like_bnhd(q)
+    dq = _empty_like_qkv(q)
     kernels.prefix_attention_bwd_dq_kernel[rows_grid](
         q, k, v, prefix_k, prefix_v, DOut=d_out, Lse=lse, Delta=delta, DQ=dq,
         **_strides(q=q, k=k, v=v, g=d_out, dq=dq), **scales, **common, **dropout, **tiling,
     )
 
-    dk, dv = _like_bnhd(k), _like_bnhd(v)
+    dk, dv = _empty_like_qkv(k), _empty_like_qkv(v)
     dpk = torch.zeros(prefix_k.shape, device=q.device, dtype=torch.float32)
     dpv = torch.zeros_like(dpk)
     dbias = torch.empty(batch, heads, seq, seq, device=q.device, dtype=bias.dtype) if bias_grad else None
@@ -131,29 +150,31 @@ def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out, lse
 
 
 class TritonPrefixAttention(torch.autograd.Function):
-    """Inputs: q, k, v ``[B, H, N, D]`` (unit last stride); prefix_k, prefix_v contiguous
-    ``[T, H, P, D]``; bool mask ``[B, N]`` (contiguous) or None; task_ids ``[B]`` or None; attention
-    bias ``[B, H, N, N]`` (any strides) or None; :class:`Options`."""
+    """Inputs: q, k, v ``[B, H, N, D]`` or packed ``[total, H, D]`` (unit last stride); prefix_k,
+    prefix_v contiguous ``[T, H, P, D]``; bool mask ``[B, N]`` (contiguous) or None; task_ids ``[B]``
+    or None; attention bias ``[B, H, N, N]`` (any strides) or None; cu_seqlens ``[B + 1]`` (packed
+    rows) or None; :class:`Options`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options):
-        out, lse = _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out, lse)
+    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, options: Options):
+        out, lse = _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, options)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, out, lse)
         ctx.options = options
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out, lse = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, out, lse = ctx.saved_tensors
         if d_out.stride(-1) != 1:
             d_out = d_out.contiguous()
-        dq, dk, dv, dpk, dpv, dbias = _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out, lse,
-                                                ctx.options, bias_grad=ctx.needs_input_grad[7])
-        return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), None, None, dbias, None
+        dq, dk, dv, dpk, dpv, dbias = _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens,
+                                                out, lse, ctx.options, bias_grad=ctx.needs_input_grad[7])
+        return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), None, None, dbias, None, None
 
 
 def triton_prefix_attention(q, k, v, prefix_k, prefix_v, mask: Optional[torch.Tensor],
                             task_ids: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                            options: Options) -> torch.Tensor:
-    """Validated entry point of the Triton backend (see :func:`ptv2_kernels.prefix_attention`)."""
-    return TritonPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
+                            options: Options, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Validated entry point of the Triton backend (see :func:`ptv2_kernels.prefix_attention` and
+    :func:`ptv2_kernels.prefix_attention_varlen`)."""
+    return TritonPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, options)
