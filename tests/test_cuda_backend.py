@@ -12,6 +12,8 @@ from ptv2_kernels.ops.common import Dropout, Options
 from ptv2_kernels.ops.cuda_backend import CudaPrefixAttention, cuda_status
 
 from .reference import kernel_dropout_masks, reference_attention
+from .test_prefix_attention import max_abs
+from .test_prefix_attention import run_with_grads as run_function_with_grads
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -51,18 +53,14 @@ def make_inputs(batch, heads, seq, num_prefix, dim, dtype, tasks, padded_rows, s
 
 
 def run_with_grads(function, tensors, mask, task_ids, d_out, options, packed=False):
-    """``[out, dq, dk, dv, dprefix_k, dprefix_v]`` of ``function.apply``; with ``packed`` q/k/v are strided
-    views of one ``[B, N, 3, H, D]`` leaf (the layout transformers hands over)."""
-    prefix = [t.detach().clone().requires_grad_() for t in tensors[3:]]
-    if packed:
-        qkv = torch.stack([t.detach().transpose(1, 2) for t in tensors[:3]], 2).requires_grad_()
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    """``[out, dq, dk, dv, dprefix_k, dprefix_v]`` of the CUDA or Triton autograd Function."""
+    if function is CudaPrefixAttention:
+        def call(*t):
+            return CudaPrefixAttention.apply(*t, mask, task_ids, options)
     else:
-        q, k, v = (t.detach().clone().requires_grad_() for t in tensors[:3])
-    out = function.apply(q, k, v, *prefix, mask, task_ids, options)
-    out.backward(d_out)
-    grads = [qkv.grad[:, :, i].transpose(1, 2) for i in range(3)] if packed else [q.grad, k.grad, v.grad]
-    return [out.detach()] + grads + [t.grad for t in prefix]
+        def call(*t):
+            return function.apply(*t, mask, task_ids, None, None, options)
+    return run_function_with_grads(call, tensors, d_out, packed=packed)
 
 
 def reference_with_grads(tensors, mask, task_ids, d_out, options):
@@ -82,10 +80,6 @@ def reference_with_grads(tensors, mask, task_ids, d_out, options):
 
 def options_for(dim, p=0.0, prefix_p=0.0, seed=1234, deterministic=False, scale=None):
     return Options(scale=scale or 1 / math.sqrt(dim), dropout=Dropout(p, prefix_p, seed), deterministic=deterministic)
-
-
-def max_abs(x):
-    return x.abs().max().item() if x.numel() else 0.0
 
 
 def assert_cuda_matches(tensors, mask, task_ids, d_out, options, packed=True):
