@@ -3,8 +3,8 @@
 The prefix and the sequence are scored as two blocks, ``q @ prefix_k^T`` ``[B, H, N, P]`` and
 ``q @ k^T`` ``[B, H, N, N]``, laid side by side for one softmax; the probabilities are then split
 again and multiplied with ``prefix_v`` and ``v`` separately. The keys and values themselves are never
-concatenated, and a shared prefix ``[H, P, D]`` is broadcast through ``einsum`` (which folds the batch
-into the matrix rows) instead of being expanded. Like the fused kernels, the forward keeps only the
+concatenated, and a shared prefix ``[H, P, D]`` is applied per head with the batch folded into the
+matrix rows instead of being expanded. Like the fused kernels, the forward keeps only the
 inputs and the output and the backward recomputes the probabilities, so no ``[B, H, N, P + N]`` tensor
 outlives a call.
 
@@ -24,16 +24,23 @@ from .common import Dropout, Options, prefix_rows, reduce_prefix_grad
 
 def _prefix_matmul(x: torch.Tensor, prefix: torch.Tensor, transpose: bool) -> torch.Tensor:
     """``x @ prefix^T`` (``transpose``) or ``x @ prefix`` for ``x`` ``[B, H, N, *]`` and a shared
-    ``[H, P, D]`` or per-row ``[B, H, P, D]`` prefix."""
-    lhs = "bhnd" if transpose else "bhnp"
-    rhs = "bhpd" if prefix.dim() == 4 else "hpd"
-    out = "bhnp" if transpose else "bhnd"
-    return torch.einsum(f"{lhs},{rhs}->{out}", x, prefix)
+    ``[H, P, D]`` or per-row ``[B, H, P, D]`` prefix. A shared prefix is applied per head to all rows at
+    once (``[H, B*N, *]`` matrices, a view for transformers' layouts), never expanded over the batch."""
+    rhs = prefix.transpose(-1, -2) if transpose else prefix
+    if prefix.dim() == 4:
+        return torch.matmul(x, rhs)
+    batch, heads, seq, _ = x.shape
+    out = torch.bmm(x.transpose(0, 1).reshape(heads, batch * seq, -1), rhs)
+    return out.view(heads, batch, seq, -1).transpose(0, 1)
 
 
 def _prefix_grad(ds: torch.Tensor, x: torch.Tensor, per_row: bool) -> torch.Tensor:
     """``ds^T @ x`` per row ``[B, H, P, D]`` or summed over the batch ``[H, P, D]``."""
-    return torch.einsum("bhnp,bhnd->" + ("bhpd" if per_row else "hpd"), ds, x)
+    if per_row:
+        return torch.matmul(ds.transpose(-1, -2), x)
+    batch, heads, seq, _ = x.shape
+    return torch.bmm(ds.transpose(0, 1).reshape(heads, batch * seq, -1).transpose(1, 2),
+                     x.transpose(0, 1).reshape(heads, batch * seq, -1))
 
 
 def _drop(x: torch.Tensor, keep: Optional[torch.Tensor], p: float) -> torch.Tensor:
@@ -143,18 +150,18 @@ def _additive_mask(mask, dtype):
 
 def _merged_forward(q, k, v, prefix: _Prefix, mask, options: Options):
     """(out, lse) of the whole row; ``lse = +inf`` marks rows with no visible column (their weights
-    ``exp(s - lse)`` are then 0 in both passes)."""
+    ``exp(s - lse)`` are then 0 in both passes). The score scale is folded into the small prefix."""
     compute = torch.promote_types(q.dtype, torch.float32)
     out_seq, lse_seq = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, attn_mask=_additive_mask(mask, q.dtype), scale=options.scale)
     if mask is not None:  # the CPU kernel reports lse 0 for a row with no visible key
         lse_seq = lse_seq.masked_fill(~mask.any(-1)[:, None, None], float("-inf"))
-    s_prefix = _prefix_matmul(q.to(compute) * options.scale, prefix.k.to(compute), transpose=True)
-    lse = torch.logaddexp(lse_seq.to(compute), torch.logsumexp(s_prefix, -1))
-    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-    out = (out_seq.to(compute) * torch.exp(lse_seq - lse)[..., None]
-           + _prefix_matmul(torch.exp(s_prefix - lse[..., None]), prefix.v.to(compute), transpose=False))
-    return out, lse
+    probs = _prefix_matmul(q.to(compute), prefix.k.to(compute) * options.scale, transpose=True)
+    lse = torch.logaddexp(lse_seq.to(compute), torch.logsumexp(probs, -1))
+    lse.masked_fill_(lse == float("-inf"), float("inf"))
+    probs.sub_(lse[..., None]).exp_()
+    out = _prefix_matmul(probs, prefix.v.to(compute), transpose=False)
+    return out.addcmul_(out_seq, torch.exp(lse_seq - lse)[..., None]), lse
 
 
 def _merged_backward(d_out, q, k, v, out, lse, prefix: _Prefix, mask, options: Options):
@@ -167,11 +174,12 @@ def _merged_backward(d_out, q, k, v, out, lse, prefix: _Prefix, mask, options: O
         attn_mask=_additive_mask(mask, q.dtype), scale=scale)
     q, d_out, out, pk, pv = (t.to(compute) for t in (q, d_out, out, prefix.k, prefix.v))
     per_row = pk.dim() == 4
-    probs = torch.exp(_prefix_matmul(q * scale, pk, transpose=True) - lse[..., None])
+    pk_scaled = pk * scale
+    probs = _prefix_matmul(q, pk_scaled, transpose=True).sub_(lse[..., None]).exp_()
     dpv = _prefix_grad(probs, d_out, per_row)
-    ds = probs * (_prefix_matmul(d_out, pv, transpose=True) - (d_out * out).sum(-1, keepdim=True))
-    dq = dq + _prefix_matmul(ds, pk, transpose=False) * scale
-    dpk = _prefix_grad(ds, q, per_row) * scale
+    ds = _prefix_matmul(d_out, pv, transpose=True).sub_((d_out * out).sum(-1, keepdim=True)).mul_(probs)
+    dq = dq.to(compute).add_(_prefix_matmul(ds, pk_scaled, transpose=False))
+    dpk = _prefix_grad(ds, q, per_row).mul_(scale)
     return dq, dk, dv, dpk, dpv, None
 
 
