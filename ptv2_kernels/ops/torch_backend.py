@@ -133,12 +133,16 @@ def _explicit_backward(d_out, q, k, v, out, prefix: _Prefix, mask, bias, attn_ke
     return dq, dk, dv, dpk, dpv, ds_seq
 
 
-# ----- CPU without attention dropout: PyTorch's fused CPU flash attention on the sequence block, -----
-# ----- merged with the small prefix block through the row log-sum-exp (cascade attention)       -----
+# ----- CPU without attention dropout: PyTorch's fused CPU flash attention on each block (the sequence  -----
+# ----- with its padding mask, the prefix broadcast over the batch as a stride-0 view), merged exactly  -----
+# ----- through the row log-sum-exp (cascade attention); nothing of size [B, H, N, P + N] is formed     -----
+
+_FLASH_CPU = "_scaled_dot_product_flash_attention_for_cpu"
+
 
 def _flash_cpu_available(q: torch.Tensor, bias, options: Options) -> bool:
     return (q.device.type == "cpu" and options.dropout.p == 0.0 and bias is None
-            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))
+            and hasattr(torch.ops.aten, _FLASH_CPU + "_backward"))
 
 
 def _additive_mask(mask, dtype):
@@ -148,39 +152,48 @@ def _additive_mask(mask, dtype):
         ~mask[:, None, None, :], float("-inf"))
 
 
+def _blocks(q, k, v, prefix: _Prefix, mask):
+    """The two key/value blocks as ``(keys, values, additive mask)``: the sequence, and (if P > 0) the
+    prefix as ``[B, H, P, D]`` (a stride-0 view of a shared prefix)."""
+    blocks = [(k, v, _additive_mask(mask, q.dtype))]
+    if prefix.k.shape[-2] > 0:
+        shape = (q.shape[0],) + tuple(prefix.k.shape[-3:])
+        blocks.append((prefix.k.expand(shape), prefix.v.expand(shape), None))
+    return blocks
+
+
 def _merged_forward(q, k, v, prefix: _Prefix, mask, options: Options):
-    """(out, lse) of the whole row; ``lse = +inf`` marks rows with no visible column (their weights
-    ``exp(s - lse)`` are then 0 in both passes). The score scale is folded into the small prefix."""
+    """(out, lse) of the whole row; ``lse = +inf`` marks rows with no visible column (every block's
+    weight ``exp(lse_block - lse)`` is then 0, in both passes)."""
     compute = torch.promote_types(q.dtype, torch.float32)
-    out_seq, lse_seq = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, attn_mask=_additive_mask(mask, q.dtype), scale=options.scale)
+    outs, lses = [], []
+    for keys, values, additive_mask in _blocks(q, k, v, prefix, mask):
+        out, lse = getattr(torch.ops.aten, _FLASH_CPU)(q, keys, values, attn_mask=additive_mask, scale=options.scale)
+        outs.append(out)
+        lses.append(lse.to(compute))
     if mask is not None:  # the CPU kernel reports lse 0 for a row with no visible key
-        lse_seq = lse_seq.masked_fill(~mask.any(-1)[:, None, None], float("-inf"))
-    probs = _prefix_matmul(q.to(compute), prefix.k.to(compute) * options.scale, transpose=True)
-    lse = torch.logaddexp(lse_seq.to(compute), torch.logsumexp(probs, -1))
+        lses[0].masked_fill_(~mask.any(-1)[:, None, None], float("-inf"))
+    lse = torch.stack(lses).logsumexp(0)
     lse.masked_fill_(lse == float("-inf"), float("inf"))
-    probs.sub_(lse[..., None]).exp_()
-    out = _prefix_matmul(probs, prefix.v.to(compute), transpose=False)
-    return out.addcmul_(out_seq, torch.exp(lse_seq - lse)[..., None]), lse
+    merged = torch.zeros(q.shape, dtype=compute, device=q.device)
+    for out, block_lse in zip(outs, lses):
+        merged.addcmul_(out, torch.exp(block_lse - lse)[..., None])
+    return merged, lse
 
 
 def _merged_backward(d_out, q, k, v, out, lse, prefix: _Prefix, mask, options: Options):
-    """The sequence block's gradients come from the CPU flash backward fed the *whole* row's output and
-    lse (its probabilities and rowsum(dO * O) are then those of the joint softmax); the prefix block's
-    are computed here."""
-    compute, scale = torch.promote_types(q.dtype, torch.float32), options.scale
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        d_out, q, k, v, out, lse.to(torch.promote_types(lse.dtype, torch.float32)), 0.0, False,
-        attn_mask=_additive_mask(mask, q.dtype), scale=scale)
-    q, d_out, out, pk, pv = (t.to(compute) for t in (q, d_out, out, prefix.k, prefix.v))
-    per_row = pk.dim() == 4
-    pk_scaled = pk * scale
-    probs = _prefix_matmul(q, pk_scaled, transpose=True).sub_(lse[..., None]).exp_()
-    dpv = _prefix_grad(probs, d_out, per_row)
-    ds = _prefix_matmul(d_out, pv, transpose=True).sub_((d_out * out).sum(-1, keepdim=True)).mul_(probs)
-    dq = dq.to(compute).add_(_prefix_matmul(ds, pk_scaled, transpose=False))
-    dpk = _prefix_grad(ds, q, per_row).mul_(scale)
-    return dq, dk, dv, dpk, dpv, None
+    """Each block's gradients come from the CPU flash backward fed the *whole* row's output and lse
+    (its probabilities and rowsum(dO * O) are then those of the joint softmax). The prefix gradients
+    arrive per row ``[B, H, P, D]`` and are reduced by the caller."""
+    backward = getattr(torch.ops.aten, _FLASH_CPU + "_backward")
+    lse = lse.to(torch.promote_types(lse.dtype, torch.float32))
+    grads = [backward(d_out, q, keys, values, out, lse, 0.0, False, attn_mask=additive_mask, scale=options.scale)
+             for keys, values, additive_mask in _blocks(q, k, v, prefix, mask)]
+    (dq, dk, dv), prefix_grads = grads[0], grads[1:]
+    if not prefix_grads:  # P = 0
+        return dq, dk, dv, torch.zeros_like(prefix.k), torch.zeros_like(prefix.v), None
+    dq_prefix, dpk, dpv = prefix_grads[0]
+    return dq.to(dq_prefix.dtype) + dq_prefix, dk, dv, dpk, dpv, None
 
 
 class TorchPrefixAttention(torch.autograd.Function):
