@@ -82,7 +82,7 @@ def skip_reason(provider: str, bench: str, device: torch.device) -> Optional[str
             return "Triton on CPU runs in the interpreter (a correctness tool, far too slow to time)"
         try:
             resolve_backend(FUSED_BACKENDS[provider], device)
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:  # no GPU, no build, or CPU tensors
             return str(err)
     if provider == FLASH:
         if bench != "kernel-fwd":
