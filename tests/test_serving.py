@@ -117,7 +117,7 @@ def test_bank_add_remove_at_run_time():
     before = server.predict([request])[0].output
     with pytest.raises(RuntimeError, match="bank is full"):
         server.add_task("extra", torch.zeros(server.prefix_shape))
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(ValueError, match="already exist"):
         server.add_task("task0", torch.zeros(server.prefix_shape))
     prefix2 = server.task_prefix("task2")
     server.remove_task("task0")

@@ -124,25 +124,36 @@ class PrefixServer:
     def add_task(self, name: str, prefix: torch.Tensor, head: Optional[Dict[str, torch.Tensor]] = None, *,
                  replace: bool = False) -> None:
         """Serve ``name`` with the compact ``prefix`` ``[L', 2, H, P, D]`` and optional head weights
-        (state dict of the model's ``classifier``). Everything is checked before the bank is touched."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"task name must be a non-empty string, got {name!r}")
-        prefix = self._checked_prefix(prefix)
-        if head is not None:
-            self.head.check_state(head)
-            head = {k: v.detach().to(self.device, self.dtype) for k, v in head.items()}
+        (state dict of the model's ``classifier``); see :meth:`add_tasks`."""
+        self.add_tasks({name: (prefix, head)}, replace=replace)
+
+    def add_tasks(self, tasks: Dict[str, tuple], *, replace: bool = False) -> None:
+        """Serve every ``name: (prefix, head or None)`` of ``tasks`` at once: names, shapes, values, head
+        weights and free slots are all checked before the bank is touched, so an error adds nothing."""
+        checked = {}
+        for name, (prefix, head) in tasks.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"task name must be a non-empty string, got {name!r}")
+            prefix = self._checked_prefix(prefix, name)
+            if head is not None:
+                self.head.check_state(head)
+                head = {k: v.detach().to(self.device, self.dtype) for k, v in head.items()}
+            checked[name] = prefix, head
         with self._lock:
-            if name in self._slots and not replace:
-                raise ValueError(f"task {name!r} already exists; pass replace=True or remove_task it first")
-            slot = self._slots.get(name)
-            if slot is None:
-                free = sorted(set(range(self.prefix_config.num_tasks)) - set(self._slots.values()))
-                if not free:
-                    raise RuntimeError(f"the task bank is full (max_tasks={self.prefix_config.num_tasks}); "
-                                       "remove a task first or build the server with a larger max_tasks")
-                slot = free[0]
-            self.encoder.prefix[slot].copy_(prefix)
-            self._slots[name], self._heads[name] = slot, head
+            clashes = sorted(set(checked) & set(self._slots))
+            if clashes and not replace:
+                raise ValueError(f"tasks {clashes} already exist; pass replace=True or remove_task them first")
+            free = sorted(set(range(self.prefix_config.num_tasks)) - set(self._slots.values()))
+            new = [name for name in checked if name not in self._slots]
+            if len(new) > len(free):
+                raise RuntimeError(f"the task bank is full: {len(new)} new tasks, {len(free)} free slots "
+                                   f"(max_tasks={self.prefix_config.num_tasks}); remove tasks first or build the "
+                                   "server with a larger max_tasks")
+            slots = dict(zip(new, free))
+            for name, (prefix, head) in checked.items():
+                slot = self._slots.get(name, slots.get(name))
+                self.encoder.prefix[slot].copy_(prefix)
+                self._slots[name], self._heads[name] = slot, head
 
     def remove_task(self, name: str) -> None:
         """Stop serving ``name`` and free its slot; queued requests for it then fail as unknown."""
@@ -166,17 +177,17 @@ class PrefixServer:
                 raise KeyError(f"unknown task {name!r}; served tasks: {list(self._slots)}")
             return self._heads[name]
 
-    def _checked_prefix(self, prefix) -> torch.Tensor:
+    def _checked_prefix(self, prefix, name: str) -> torch.Tensor:
         if not isinstance(prefix, torch.Tensor):
-            raise TypeError(f"prefix must be a tensor [L', 2, H, P, D], got {type(prefix).__name__}")
+            raise TypeError(f"prefix of task {name!r} must be a tensor [L', 2, H, P, D], got {type(prefix).__name__}")
         expected = self.prefix_shape
         if tuple(prefix.shape) != expected:
             names = ("prefixed layers L'", "key/value", "heads H", "prefix_len P", "head_dim D")
             detail = [f"{n} {g} != {e}" for n, g, e in zip(names, prefix.shape, expected) if g != e]
-            raise ValueError(f"prefix shape {tuple(prefix.shape)} does not fit the server's {expected} "
-                             f"[L', 2, H, P, D]: {', '.join(detail) or 'wrong number of dimensions'}")
+            raise ValueError(f"prefix of task {name!r}: shape {tuple(prefix.shape)} does not fit the server's "
+                             f"{expected} [L', 2, H, P, D]: {', '.join(detail) or 'wrong number of dimensions'}")
         if not torch.isfinite(prefix).all():
-            raise ValueError("prefix holds NaN or infinite values")
+            raise ValueError(f"prefix of task {name!r} holds NaN or infinite values")
         return prefix.detach().to(self.device, self.dtype)
 
     # ---- requests ------------------------------------------------------------------------------------
@@ -265,7 +276,8 @@ class PrefixServer:
     def _encode(self, items: List[_Item], truncation: bool) -> List[_Item]:
         """Tokenize the texts of ``items`` into ``item.ids`` / ``item.types`` (one tokenizer call for the
         single texts, one for the pairs)."""
-        for group in ([i for i in items if i.request.text_pair is None], [i for i in items if i.request.text_pair is not None]):
+        singles = [i for i in items if i.request.text_pair is None]
+        for group in (singles, [i for i in items if i.request.text_pair is not None]):
             if not group:
                 continue
             pairs = None if group[0].request.text_pair is None else [i.request.text_pair for i in group]
@@ -330,7 +342,7 @@ class PrefixServer:
             types = [i.types if i.types is not None else [0] * len(i.ids) for i in items]
         if self.packed:
             ids = torch.tensor([t for i in items for t in i.ids], device=self.device)
-            packed_types = None if types is None else torch.tensor([t for row in types for t in row], device=self.device)
+            packed_types = None if types is None else torch.tensor([t for r in types for t in r], device=self.device)
             return packed_forward(self.model, ids, cu_seqlens, task_ids, packed_types), cu_seqlens
         width = int(lengths.max())
         mask = torch.arange(width)[None, :] < lengths[:, None]

@@ -66,7 +66,8 @@ class Head:
         first = tokens[cu_seqlens[:-1]].unsqueeze(1)
         return self.base.pooler(first) if self._cls_pooler else first
 
-    def __call__(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, row_heads: List[Optional[dict]]) -> List[torch.Tensor]:
+    def __call__(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor,
+                 row_heads: List[Optional[dict]]) -> List[torch.Tensor]:
         """One output per row: ``tokens`` ``[total, hidden]`` packed by ``cu_seqlens``; ``row_heads[b]`` is
         row b's head weights (None: the model's own head). One head call per distinct weights."""
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
