@@ -12,24 +12,15 @@ from ptv2_kernels.ops.common import Dropout, Options
 from ptv2_kernels.ops.cuda_backend import CudaPrefixAttention, cuda_status
 
 from .reference import kernel_dropout_masks, reference_attention
-from .test_prefix_attention import max_abs
+from .test_prefix_attention import FLOOR, max_abs
+from .test_prefix_attention import GRID as SHARED_GRID
+from .test_prefix_attention import make_inputs as shared_make_inputs
 from .test_prefix_attention import run_with_grads as run_function_with_grads
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 NAMES = ["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"]
-
-GRID = [
-    # batch, heads, seq, prefix, dim, tasks, padded_rows
-    pytest.param(2, 2, 37, 20, 32, None, ((1, 25),), id="odd-N-padded"),
-    pytest.param(2, 2, 1, 5, 16, None, (), id="N=1"),
-    pytest.param(3, 2, 19, 0, 32, None, ((0, 7), (2, 0)), id="P=0-fully-padded-row"),
-    pytest.param(2, 1, 9, 45, 16, None, ((0, 4),), id="P>N"),
-    pytest.param(1, 2, 70, 33, 64, None, ((0, 65),), id="multi-tile"),
-    pytest.param(2, 2, 21, 11, 24, None, (), id="D=24"),
-    pytest.param(3, 2, 17, 9, 32, 4, ((1, 3), (2, 0)), id="bank-fully-padded-row"),
-    pytest.param(5, 1, 13, 6, 16, 3, ((4, 10),), id="bank-repeated-unused"),
+GRID = SHARED_GRID + [
     pytest.param(2, 3, 150, 70, 128, None, ((1, 100),), id="D=128-multi-tile"),
     pytest.param(2, 2, 130, 129, 64, 2, ((0, 64),), id="bank-D=64-long"),
 ]
@@ -37,19 +28,12 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
 def make_inputs(batch, heads, seq, num_prefix, dim, dtype, tasks, padded_rows, seed=0):
-    """``[q, k, v, prefix_k, prefix_v]`` (prefix as ``[T, H, P, D]``), mask, task_ids, d_out on the GPU."""
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v, d_out = (torch.randn(batch, heads, seq, dim, generator=gen) for _ in range(4))
-    prefix_k, prefix_v = (torch.randn(tasks or 1, heads, num_prefix, dim, generator=gen) for _ in range(2))
-    mask = None
-    if padded_rows:
-        mask = torch.ones(batch, seq, dtype=torch.bool)
-        for row, length in padded_rows:
-            mask[row, length:] = False
-        mask = mask.cuda()
-    task_ids = None if tasks is None else torch.randint(0, tasks, (batch,), generator=gen).cuda()
-    tensors = [t.to("cuda", dtype) for t in (q, k, v, prefix_k, prefix_v)]
-    return tensors, mask, task_ids, d_out.to("cuda", dtype)
+    """The shared test inputs on the GPU, the prefix as the ``[T, H, P, D]`` bank the Functions take."""
+    tensors, mask, task_ids, d_out = shared_make_inputs(batch, heads, seq, num_prefix, dim, dtype, tasks=tasks,
+                                                        padded_rows=padded_rows, seed=seed, device="cuda")
+    if tasks is None:
+        tensors[3:] = [t.unsqueeze(0) for t in tensors[3:]]
+    return tensors, mask, task_ids, d_out
 
 
 def run_with_grads(function, tensors, mask, task_ids, d_out, options, packed=False):
