@@ -82,14 +82,17 @@ def _load_prefix_tile(PK, PV, task, h, bh, offs_p, offs_d, H, P, D, seed, prefix
 
 
 @triton.jit
-def _sequence(CuSeqlens, b, N, VARLEN: tl.constexpr):
-    """(first token as int64, length) of batch row ``b``: a slice of the packed tokens with VARLEN,
-    else the whole padded row (offset 0, length N)."""
+def _batch_row(bh, H, N, TaskIds, CuSeqlens, HAS_TASKS: tl.constexpr, VARLEN: tl.constexpr):
+    """Of program row ``bh = b*H + h``: (b, h, first token as int64, length, task). The tokens are a
+    slice of the packed sequence with VARLEN, else the whole padded row (offset 0, length N)."""
+    b = bh // H
+    h = bh % H
+    task = tl.load(TaskIds + b) if HAS_TASKS else b * 0
     if VARLEN:
         first = tl.load(CuSeqlens + b).to(tl.int64)
-        return first, (tl.load(CuSeqlens + b + 1) - first).to(tl.int32)
+        return b, h, first, (tl.load(CuSeqlens + b + 1) - first).to(tl.int32), task
     else:
-        return b.to(tl.int64) * 0, N
+        return b, h, b.to(tl.int64) * 0, N, task
 
 
 @triton.jit
@@ -146,15 +149,12 @@ def prefix_attention_fwd_kernel(
     """Grid (cdiv(N, BLOCK_M), B*H): one query tile against the prefix tiles, then the sequence tiles."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    tok0, n = _sequence(CuSeqlens, b, N, VARLEN)
+    b, h, tok0, n, task = _batch_row(bh, H, N, TaskIds, CuSeqlens, HAS_TASKS, VARLEN)
     if pid_m * BLOCK_M >= n:
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b.to(tl.int64) * stride_qb + tok0 * stride_qn + h * stride_qh, rows, n, stride_qn, offs_d, D)
-    task = tl.load(TaskIds + b) if HAS_TASKS else b * 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -195,9 +195,7 @@ def prefix_attention_bwd_preprocess_kernel(
     """delta[b, h, i] = sum_d out * d_out (the softmax-backward row term; unchanged by dropout)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    tok0, n = _sequence(CuSeqlens, b, N, VARLEN)
+    b, h, tok0, n, _ = _batch_row(bh, H, N, CuSeqlens, CuSeqlens, False, VARLEN)  # no task needed
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_rows(Out + b.to(tl.int64) * stride_ob + tok0 * stride_on + h * stride_oh, rows, n, stride_on, offs_d, D)
@@ -235,9 +233,7 @@ def prefix_attention_bwd_dq_kernel(
     """Grid (cdiv(N, BLOCK_M), B*H): dq of one query tile, over the prefix tiles then the sequence tiles."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    tok0, n = _sequence(CuSeqlens, b, N, VARLEN)
+    b, h, tok0, n, task = _batch_row(bh, H, N, TaskIds, CuSeqlens, HAS_TASKS, VARLEN)
     if pid_m * BLOCK_M >= n:
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -247,7 +243,6 @@ def prefix_attention_bwd_dq_kernel(
                     D)
     lse = tl.load(Lse + bh.to(tl.int64) * N + rows, mask=rows < n, other=float("inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * N + rows, mask=rows < n, other=0.0)
-    task = tl.load(TaskIds + b) if HAS_TASKS else b * 0
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, P, BLOCK_N):
@@ -354,8 +349,7 @@ def prefix_attention_bwd_dkdv_kernel(
         for b_index in range(b_first, b_last):
             b = b_index + tl.zeros([], tl.int32)  # a tensor also when the loop yields Python ints
             bh = b * H + h
-            tok0, n = _sequence(CuSeqlens, b, N, VARLEN)
-            task = tl.load(TaskIds + b) if HAS_TASKS else b * 0
+            b, h, tok0, n, task = _batch_row(bh, H, N, TaskIds, CuSeqlens, HAS_TASKS, VARLEN)
             pk, pv, keep_k, keep_v = _load_prefix_tile(PK, PV, task, h, bh, cols, offs_d, H, P, D, seed,
                                                        prefix_threshold, prefix_scale, PREFIX_DROPOUT)
             dk, dv = _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, tok0, n, pk, pv, col_valid, cols, cols,
@@ -377,9 +371,7 @@ def prefix_attention_bwd_dkdv_kernel(
                 tl.atomic_add(DPV + offs, dv, mask=ok)
     else:
         bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        tok0, n = _sequence(CuSeqlens, b, N, VARLEN)
+        b, h, tok0, n, _ = _batch_row(bh, H, N, TaskIds, CuSeqlens, HAS_TASKS, VARLEN)
         cols = (pid_n - PREFIX_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_rows(K + b.to(tl.int64) * stride_kb + tok0 * stride_kn + h * stride_kh, cols, n, stride_kn, offs_d, D)
         v = _load_rows(V + b.to(tl.int64) * stride_vb + tok0 * stride_vn + h * stride_vh, cols, n, stride_vn, offs_d, D)
