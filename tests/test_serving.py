@@ -213,3 +213,17 @@ def test_refuses_unsupported_models():
         PrefixServer(tiny_model("bert", "ForMaskedLM"), PREFIX_LEN)
     with pytest.raises(ValueError, match="max_tasks"):
         PrefixServer(tiny_model("bert"), PREFIX_LEN, max_tasks=1)
+
+
+def test_serve_bench_mixed_rows_agree_with_the_peft_loop():
+    """The mixed-task rows of ``ptv2-bench --mode serve`` run and match PEFT's adapter loop."""
+    from ptv2_kernels.bench.configs import QUICK_SIZES
+    from ptv2_kernels.bench.report import Progress
+    from ptv2_kernels.serving import bench
+
+    sizes = QUICK_SIZES.__class__(batch=4, seq_lens=(16,), prefix_lens=(4,), warmup=1, repeats=1)
+    rows, _ = bench.run("bert-base", sizes, torch.float32, torch.device("cpu"), ["fused-torch", "peft"],
+                        Progress(False), quick=True)
+    assert [r["provider"] for r in rows] == ["peft-loop16", "mixed16-fused-torch", "server-padded16",
+                                             "server-packed16"]
+    assert all(r["max_err"] < 1e-4 for r in rows)

@@ -126,10 +126,6 @@ def run(mode, model_name, sizes, dtype, device, providers, progress, quick):
     skipped = [{"bench": bench, "provider": p, "reason": skip_reason(p, model_name, device)}
                for p in selected if skip_reason(p, model_name, device)]
     runnable = sorted((p for p in selected if not skip_reason(p, model_name, device)), key=lambda p: p != REFERENCE)
-    if mode == "serve" and runnable:
-        skipped.append({"bench": bench, "provider": "fused-* (16 tasks)",
-                        "reason": "mixed-task batch (patch_model num_tasks=16, model(..., task_ids=...)) is not "
-                                  "in ptv2-bench yet"})
     progress.extend(len(runnable))
     seq, prefix_len = sizes.seq_lens[0], sizes.prefix_lens[0]
     heads, dim = heads_and_dim(model_name)
@@ -147,4 +143,10 @@ def run(mode, model_name, sizes, dtype, device, providers, progress, quick):
         rows.append(make_row(bench, provider, model_name, sizes.batch, heads, seq, prefix_len, dim, dtype,
                              ms=ms, peak_mb=peak, max_err=err))
         del model, call
+    if mode == "serve":  # 16-task mixed batches, the PEFT adapter loop and PrefixServer on the same batch
+        from ..serving import bench as serving_bench
+
+        r, s = serving_bench.run(model_name, sizes, dtype, device, providers, progress, quick)
+        rows += r
+        skipped += s
     return rows, skipped
