@@ -1,0 +1,237 @@
+"""DeBERTa (v1, ``modeling_deberta``) and DeBERTa-v2/v3 (``modeling_deberta_v2``) on transformers 5, SPEC §2.
+
+- Self-attention: the module's own projections with their biases (v1: ``in_proj`` split, then ``q_bias`` and
+  ``v_bias``; v2: ``query_proj``/``key_proj``/``value_proj``), then :func:`ptv2_kernels.prefix_attention` over
+  the layer's prefix (no bias on the prefix), scale ``1/sqrt(D * (1 + len(pos_att_type)))``, attention dropout
+  ``attention_probs_dropout_prob`` in training.
+- The disentangled terms (c2p, p2c) are transformers' own ``disentangled_att_bias`` (v1) /
+  ``disentangled_attention_bias`` (v2) over the N real tokens (relative positions, spans, log buckets,
+  ``share_att_key``, ``pos_dropout`` exactly as without a prefix), passed to the kernel as ``attn_bias``
+  ``[B, H, N, N]`` on the sequence columns; prefix columns get the content score only.
+- Absolute positions (``position_biased_input=True`` only) shift by P, as the P-Tuning v2 reference's DeBERTa
+  models do for ``past_key_values`` of length P: positions ``P … P+N-1``. Explicit ``position_ids`` are used
+  as given. Relative positions are not shifted.
+
+DeBERTa's model forward, unlike BERT's, does not pass extra keyword arguments down to its layers. So the base
+model's instance ``forward`` takes this forward's :class:`PrefixCall`, and an encoder pre-hook hands it to every
+layer inside the one argument the encoder passes through unchanged, ``relative_pos`` (a
+:class:`_RelativePositions`, which gradient checkpointing also saves for its recomputation).
+"""
+
+import abc
+import functools
+import importlib
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .base import ModelFamily, PrefixCall, bound_arguments, take_call
+
+SUPPORTED_POS_ATT_TYPES = ("c2p", "p2c")
+
+
+class _RelativePositions(torch.Tensor):
+    """transformers' relative positions ``[1, N, N]`` (empty without relative attention) carrying ``call``, the
+    forward's :class:`PrefixCall`. Operations on it return plain tensors, so unpatched layers (prompt depth)
+    use it as the usual relative positions."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    call: PrefixCall
+
+    @staticmethod
+    def carry(positions: torch.Tensor, call: PrefixCall) -> "_RelativePositions":
+        carrier = positions.as_subclass(_RelativePositions)
+        carrier.call = call
+        return carrier
+
+
+class _CallRelay:
+    """Within one forward of the patched base model: hands its :class:`PrefixCall` to the embeddings (position
+    shift) and to the encoder (``relative_pos`` carrier). ``remove()`` undoes it (a handle for ``unpatch_model``).
+    Bound methods and partials only, so ``copy.deepcopy`` of a patched model copies the relay with it."""
+
+    def __init__(self, base_model: nn.Module):
+        self.call: Optional[PrefixCall] = None
+        self._base = base_model
+        self._previous_forward = base_model.__dict__.get("forward")
+        forward = functools.partial(_relayed_forward, self, base_model.forward)
+        base_model.forward = functools.update_wrapper(forward, base_model.forward)  # keeps the signature
+        self._handles = [
+            base_model.embeddings.register_forward_pre_hook(self._shift_positions, with_kwargs=True),
+            base_model.encoder.register_forward_pre_hook(self._carry_call, with_kwargs=True),
+        ]
+
+    def _shift_positions(self, embeddings, args, kwargs):
+        """Embeddings pre-hook: positions ``P … P+N-1`` (checked against ``max_position_embeddings`` before any
+        kernel runs), when the embeddings have absolute positions and none were given."""
+        if self.call is None or embeddings.position_embeddings is None:
+            return None
+        bound = bound_arguments(embeddings, args, kwargs)
+        arguments = bound.arguments
+        if arguments.get("position_ids") is not None:
+            return None
+        inputs = arguments.get("input_ids")
+        length = (inputs if inputs is not None else arguments["inputs_embeds"]).shape[1]
+        prefix_len = self.call.prefix.shape[-2]
+        max_positions = embeddings.position_embeddings.num_embeddings
+        if prefix_len + length > max_positions:
+            raise ValueError(f"sequence length N={length} with prefix_len P={prefix_len} needs position ids up to "
+                             f"{prefix_len + length - 1}, but max_position_embeddings is {max_positions}: use "
+                             f"N <= {max_positions - prefix_len} (absolute positions shift by P)")
+        arguments["position_ids"] = embeddings.position_ids[:, prefix_len:prefix_len + length]
+        return bound.args, bound.kwargs
+
+    def _carry_call(self, encoder, args, kwargs):
+        """Encoder pre-hook: ``relative_pos`` = transformers' relative positions carrying the call."""
+        if self.call is None:
+            return None
+        bound = bound_arguments(encoder, args, kwargs)
+        arguments = bound.arguments
+        if arguments.get("relative_pos") is not None or arguments.get("query_states") is not None:
+            raise ValueError("a patched DeBERTa encoder computes its own relative positions and queries; "
+                             "relative_pos and query_states must be None")
+        hidden_states = arguments["hidden_states"]
+        positions = encoder.get_rel_pos(hidden_states)
+        if positions is None:  # no relative attention: the carrier holds no positions
+            positions = torch.empty(0, dtype=torch.long, device=hidden_states.device)
+        arguments["relative_pos"] = _RelativePositions.carry(positions, self.call)
+        return bound.args, bound.kwargs
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        if self._previous_forward is None:
+            del self._base.forward
+        else:
+            self._base.forward = self._previous_forward
+
+
+def _relayed_forward(relay: _CallRelay, forward, *args, **kwargs):
+    """The base model's ``forward`` with this forward's call (put into ``kwargs`` by the base-model pre-hook)
+    held by ``relay`` for the duration."""
+    relay.call = take_call(kwargs)
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        relay.call = None
+
+
+def _attention_forward(family: "_DebertaFamily", module: nn.Module, slot: int, hidden_states, attention_mask,
+                       output_attentions=False, query_states=None, relative_pos=None, rel_embeddings=None):
+    """``DisentangledSelfAttention.forward`` (v1 and v2) with the prefix joined in the kernel and c2p + p2c as
+    its ``attn_bias``. transformers' ``attention_mask`` (``m_i·m_j``) is not used: the call carries the 2D
+    padding mask. Returns ``(context [B, N, H·D], None)``."""
+    if query_states is not None:
+        raise ValueError("query_states (DeBERTa's enhanced mask decoding, z_steps > 1) is not supported by a "
+                         "patched DeBERTa model")
+    if not isinstance(relative_pos, _RelativePositions):
+        raise RuntimeError("a patched DeBERTa self-attention module was called outside a forward of its patched "
+                           "model (no prefix call in relative_pos); call the model, or unpatch_model it first")
+    call = relative_pos.call
+    q, k, v = family.project(module, hidden_states)
+    scale_factor = 1 + len(module.pos_att_type)
+    bias = None
+    if module.relative_attention and rel_embeddings is not None:
+        bias = family.relative_bias(module, q, k, relative_pos.as_subclass(torch.Tensor),
+                                    module.pos_dropout(rel_embeddings), scale_factor)
+        bias = bias if isinstance(bias, torch.Tensor) else None  # transformers returns 0 without c2p/p2c
+    out = call.attend(slot, q, k, v, scale=1.0 / math.sqrt(q.shape[-1] * scale_factor),
+                      dropout_p=module.dropout.p if module.training else 0.0, attn_bias=bias)
+    return out.transpose(1, 2).flatten(2), None
+
+
+class _DebertaFamily(ModelFamily):
+    """DeBERTa layout: ``base.encoder.layer[i].attention.self``, ``base.embeddings``, ``base.encoder``."""
+
+    module_path: str
+    base_class: str
+    attention_class = "DisentangledSelfAttention"
+
+    def _module(self):
+        return importlib.import_module(self.module_path)
+
+    def base_model_classes(self) -> tuple:
+        return (getattr(self._module(), self.base_class),)
+
+    def check_config(self, config) -> None:
+        """pos_att_type: distinct c2p/p2c only (so v1's and v2's score scales agree: 1 + len(pos_att_type))."""
+        kinds = list(config.pos_att_type or [])
+        if not set(kinds) <= set(SUPPORTED_POS_ATT_TYPES) or len(set(kinds)) != len(kinds):
+            raise ValueError(f"patch_model supports config.pos_att_type made of distinct {SUPPORTED_POS_ATT_TYPES} "
+                             f"for {self.name}; got {kinds}")
+
+    def self_attention_modules(self, base_model: nn.Module) -> list:
+        attention_class = getattr(self._module(), self.attention_class)
+        modules = [layer.attention.self for layer in base_model.encoder.layer]
+        for module in modules:
+            if type(module) is not attention_class:
+                raise RuntimeError(f"expected {self.attention_class} self-attention modules in {self.name}, found "
+                                   f"{type(module).__name__}: this transformers version is not supported")
+        return modules
+
+    def patched_forward(self, module: nn.Module, slot: int):
+        return functools.partial(_attention_forward, self, module, slot)
+
+    def input_hooks(self, base_model: nn.Module, prefix_len: int) -> list:
+        return [_CallRelay(base_model)]
+
+    @abc.abstractmethod
+    def project(self, module: nn.Module, hidden_states: torch.Tensor) -> tuple:
+        """``q, k, v`` ``[B, H, N, D]`` with the projections' biases (strided views allowed)."""
+
+    @abc.abstractmethod
+    def relative_bias(self, module, q, k, relative_pos, rel_embeddings, scale_factor: int):
+        """c2p + p2c ``[B, H, N, N]`` for the N×N block, already divided by ``sqrt(D * scale_factor)``, computed
+        by transformers' own method (0 if ``pos_att_type`` is empty)."""
+
+
+class _DebertaV1(_DebertaFamily):
+    name = "deberta"
+    module_path = "transformers.models.deberta.modeling_deberta"
+    base_class = "DebertaModel"
+
+    def check_config(self, config) -> None:
+        super().check_config(config)
+        if getattr(config, "talking_head", False):
+            raise ValueError("patch_model does not support talking-heads DeBERTa (config.talking_head=True): the "
+                             "head mixing of scores and probabilities does not fit the fused kernel")
+
+    def project(self, module, hidden_states):
+        q, k, v = module.transpose_for_scores(module.in_proj(hidden_states)).chunk(3, dim=-1)
+        q = q + module.transpose_for_scores(module.q_bias[None, None, :])
+        v = v + module.transpose_for_scores(module.v_bias[None, None, :])
+        return q, k, v
+
+    def relative_bias(self, module, q, k, relative_pos, rel_embeddings, scale_factor):
+        # transformers v1 scales the query before the content score and before c2p.
+        scaled_q = q / math.sqrt(q.shape[-1] * scale_factor)
+        return module.disentangled_att_bias(scaled_q, k, relative_pos, rel_embeddings, scale_factor)
+
+
+class _DebertaV2(_DebertaFamily):
+    name = "deberta-v2"
+    module_path = "transformers.models.deberta_v2.modeling_deberta_v2"
+    base_class = "DebertaV2Model"
+
+    def check_config(self, config) -> None:
+        super().check_config(config)
+        head_dim = config.hidden_size // config.num_attention_heads
+        if getattr(config, "attention_head_size", head_dim) != head_dim:
+            raise ValueError(f"patch_model needs config.attention_head_size == hidden_size // num_attention_heads "
+                             f"= {head_dim} (the prefix's head size); got {config.attention_head_size}")
+
+    def project(self, module, hidden_states):
+        heads = module.num_attention_heads
+        return tuple(module.transpose_for_scores(projection(hidden_states), heads).unflatten(0, (-1, heads))
+                     for projection in (module.query_proj, module.key_proj, module.value_proj))
+
+    def relative_bias(self, module, q, k, relative_pos, rel_embeddings, scale_factor):
+        bias = module.disentangled_attention_bias(q.flatten(0, 1), k.flatten(0, 1), relative_pos, rel_embeddings,
+                                                  scale_factor)
+        return bias.unflatten(0, q.shape[:2]) if isinstance(bias, torch.Tensor) else bias
+
+
+DEBERTA = _DebertaV1()
+DEBERTA_V2 = _DebertaV2()
