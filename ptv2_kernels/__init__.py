@@ -28,3 +28,5 @@ from .prefix_encoder import PrefixConfig, PrefixEncoder, load_prefix, save_prefi
 __all__ = ["prefix_attention", "prefix_attention_varlen", "concat_prefix_attention"]
 __all__ += ["patch_model", "unpatch_model", "PrefixEncoder", "PrefixConfig", "save_prefix", "load_prefix"]
 __version__ = "0.1.0"
+from .serving import PrefixServer, Request  # noqa: E402
+__all__ += ["PrefixServer", "Request"]

@@ -213,6 +213,10 @@ def test_refuses_unsupported_models():
         PrefixServer(tiny_model("bert", "ForMaskedLM"), PREFIX_LEN)
     with pytest.raises(ValueError, match="max_tasks"):
         PrefixServer(tiny_model("bert"), PREFIX_LEN, max_tasks=1)
+    deberta = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37))
+    with pytest.raises(TypeError, match="DeBERTa heads"):
+        PrefixServer(deberta, PREFIX_LEN)
 
 
 def test_serve_bench_mixed_rows_agree_with_the_peft_loop():

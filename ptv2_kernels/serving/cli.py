@@ -63,7 +63,7 @@ def build_server(args) -> PrefixServer:
         tokenizer = None
     server = PrefixServer(model, args.prefix_len, tokenizer=tokenizer, max_tasks=args.max_tasks, layers=args.layers,
                           max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
-                          max_wait_ms=args.max_wait_ms, packed=False if args.padded else None)
+                          max_wait_ms=args.max_wait_ms, packed=not args.padded)
     for directory in args.bank:
         load_bank(server, directory)
     for name, path in args.task:

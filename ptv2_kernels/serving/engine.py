@@ -3,8 +3,8 @@
 - The bank is the patched model's ``PrefixEncoder`` with ``num_tasks = max_tasks`` slots; adding or
   removing a task writes one slot (no model reload). Each batch row carries its task's slot as
   ``task_ids``, read by the fused kernels' bank path: no per-task loop, no expanded prefix.
-- Requests are tokenized, sorted by length and cut into batches under a token budget; BERT/RoBERTa run
-  packed (``cu_seqlens``, no padding tokens), other families padded.
+- Requests are tokenized, sorted by length and cut into batches under a token budget, then run packed
+  (``cu_seqlens``, no padding tokens) or padded (``packed=False``).
 - ``submit`` feeds a background batcher that groups concurrent requests (dynamic batching).
 """
 
@@ -21,8 +21,6 @@ from torch import nn
 from .. import patch_model
 from .heads import Head
 from .packed import packed_forward
-
-PACKED_MODEL_TYPES = ("bert", "roberta")
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ class _Item:
 
 
 class PrefixServer:
-    """Serve many prefix-tuned tasks on one frozen BERT/RoBERTa (packed) or other patchable model (padded).
+    """Serve many prefix-tuned tasks on one frozen BERT/RoBERTa model.
 
     Args:
         model: an unpatched transformers model (``*ForSequenceClassification``, ``*ForTokenClassification``
@@ -68,7 +66,7 @@ class PrefixServer:
         tokenizer: a transformers tokenizer, needed for text requests.
         max_batch_tokens: token budget of one batch (packed: real tokens; padded: rows × longest row).
         max_batch_size: most requests per batch. ``max_wait_ms``: how long the batcher waits to fill a batch.
-        packed: run sequences packed without padding (default: True for BERT/RoBERTa).
+        packed: run sequences packed without padding (default) or padded (False).
         backend: the ``prefix_attention`` backend.
 
     Over-long inputs: text is truncated to :attr:`max_length` tokens (``Result.truncated``); ``input_ids``
@@ -77,7 +75,7 @@ class PrefixServer:
 
     def __init__(self, model: nn.Module, prefix_len: int, *, tokenizer=None, max_tasks: int = 16, layers=None,
                  max_batch_tokens: int = 8192, max_batch_size: int = 64, max_wait_ms: float = 5.0,
-                 packed: Optional[bool] = None, backend: str = "auto"):
+                 packed: bool = True, backend: str = "auto"):
         if max_tasks < 2:
             raise ValueError(f"max_tasks must be >= 2 (the bank's slot count), got {max_tasks}")
         self.head = Head(model)
@@ -90,9 +88,7 @@ class PrefixServer:
         self.encoder.to(self.dtype).requires_grad_(False)
         self.encoder.prefix.zero_()
         model_type = model.config.model_type
-        self.packed = model_type in PACKED_MODEL_TYPES if packed is None else bool(packed)
-        if self.packed and model_type not in PACKED_MODEL_TYPES:
-            raise ValueError(f"packed inference supports {PACKED_MODEL_TYPES}, got model type {model_type!r}")
+        self.packed = bool(packed)
         embeddings = model.base_model.embeddings
         first_position = embeddings.padding_idx + 1 if model_type == "roberta" else 0
         self.max_length = embeddings.position_embeddings.num_embeddings - first_position - prefix_len

@@ -15,6 +15,7 @@ from torch.func import functional_call
 SEQUENCE_CLASSIFICATION = "sequence-classification"
 TOKEN_CLASSIFICATION = "token-classification"
 EMBEDDING = "embedding"
+SERVED_MODEL_TYPES = ("bert", "roberta")
 
 
 class Head:
@@ -30,6 +31,9 @@ class Head:
     def __init__(self, model: nn.Module):
         name = type(model).__name__
         self.base = model.base_model
+        if self.base.config.model_type not in SERVED_MODEL_TYPES:
+            raise TypeError(f"serving supports {SERVED_MODEL_TYPES} models, got {name} (model type "
+                            f"{self.base.config.model_type!r}); DeBERTa heads (ContextPooler) are not wired up yet")
         if name.endswith("ForSequenceClassification"):
             self.kind, self.output_name = SEQUENCE_CLASSIFICATION, "logits"
         elif name.endswith("ForTokenClassification"):
