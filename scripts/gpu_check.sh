@@ -1,24 +1,46 @@
 #!/usr/bin/env bash
-# The GPU pass in one command (run it on a CUDA machine from the repository root):
+# The GPU pass in one command (from the repository root, on a CUDA machine; nvcc for the CUDA backend):
 #   bash scripts/gpu_check.sh [OUT_DIR]
-# 1. the whole test suite on the GPU (Triton compiled, bf16/fp16 with real tensor cores, large shapes),
-# 2. compute-sanitizer memcheck and racecheck on the fused kernels for a few shapes,
-# 3. the benchmark of fused vs concatenation, written to OUT_DIR (default benchmarks/results/gpu).
-set -euo pipefail
+# 1. builds the CUDA backend (JIT with ninja; its log path is printed if the build fails),
+# 2. runs the whole test suite on the GPU (PTV2_TEST_DEVICE=cuda: Triton compiled, bf16/fp16 on tensor
+#    cores, larger shapes, the CUDA backend against float64 and against Triton),
+# 3. runs compute-sanitizer memcheck and racecheck on both fused backends for a few shapes,
+# 4. runs ptv2-bench --mode all (JSON, Markdown, plots if matplotlib is installed).
+# Every step runs even if an earlier one failed; logs go to OUT_DIR (default benchmarks/results/gpu) and
+# the exit status is non-zero if any step failed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results/gpu}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name())"
+failed=()
 
-PTV2_TEST_DEVICE=cuda python -m pytest -q tests 2>&1 | tee "$out/tests.log"
+step() {  # step NAME COMMAND...: run, log to OUT_DIR/NAME.log, remember a failure
+  local name="$1"
+  shift
+  echo "== $name"
+  "$@" 2>&1 | tee "$out/$name.log" || failed+=("$name")
+}
 
-if command -v compute-sanitizer >/dev/null; then
+step device python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name())"
+step cuda-build python -c "
+from ptv2_kernels.ops.cuda_backend import cuda_status
+ok, why = cuda_status()
+print('cuda backend:', ok, why)
+assert ok, why"
+step tests env PTV2_TEST_DEVICE=cuda python -m pytest -q tests
+for backend in triton cuda; do
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool "$tool" --error-exitcode 1 python scripts/sanitizer_driver.py 2>&1 | tail -5 | tee "$out/sanitizer-$tool.log"
+    if command -v compute-sanitizer >/dev/null; then
+      step "sanitizer-$tool-$backend" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+        python scripts/sanitizer_driver.py "$backend"
+    fi
   done
-else
-  echo "compute-sanitizer not found: skipped" | tee "$out/sanitizer.log"
-fi
+done
+step bench python -m ptv2_kernels.bench --mode all --device cuda --out "$out"
 
-python -m ptv2_kernels.bench --mode all --device cuda --out "$out" 2>&1 | tee "$out/bench.log"
+if ((${#failed[@]})); then
+  echo "failed steps: ${failed[*]}"
+  exit 1
+fi
+echo "all GPU checks passed"

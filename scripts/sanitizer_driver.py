@@ -1,5 +1,10 @@
 """A few forward+backward calls of the fused kernels, small enough for compute-sanitizer: odd N,
-P = 0, padding, a bank, dropout, the deterministic reduction, fp16 and bf16."""
+P = 0, padding, a bank, dropout, the deterministic reduction, fp16/bf16/fp32, head_dim 24..128.
+
+    python scripts/sanitizer_driver.py triton|cuda
+"""
+
+import sys
 
 import torch
 
@@ -11,8 +16,10 @@ CASES = [
     (2, 2, 70, 0, 64, None, torch.bfloat16),
     (3, 2, 129, 65, 128, 3, torch.bfloat16),
     (2, 3, 9, 45, 32, None, torch.float32),
+    (2, 1, 33, 7, 24, 2, torch.float16),
 ]
 
+backend = sys.argv[1]
 for batch, heads, seq, num_prefix, dim, tasks, dtype in CASES:
     q, k, v = (torch.randn(batch, heads, seq, dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     bank = () if tasks is None else (tasks,)
@@ -23,7 +30,7 @@ for batch, heads, seq, num_prefix, dim, tasks, dtype in CASES:
     task_ids = None if tasks is None else torch.arange(batch, device="cuda") % tasks
     for deterministic in (False, True):
         out = prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, task_ids=task_ids, dropout_p=0.1,
-                               prefix_dropout_p=0.1, backend="triton", deterministic=deterministic)
+                               prefix_dropout_p=0.1, backend=backend, deterministic=deterministic)
         out.sum().backward()
 torch.cuda.synchronize()
-print("sanitizer driver: all cases ran")
+print(f"sanitizer driver ({backend}): all cases ran")

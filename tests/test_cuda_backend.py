@@ -1,7 +1,7 @@
 """backend="cuda" on a GPU: the hand-written CUDA kernels against the float64 reference and against the
 Triton backend (same Options, so the same dropout masks), outputs and all five gradients, over odd N,
 P = 0, P > N, padding, fully padded rows, banks, strided inputs, head dims 16..128 and every dtype.
-Skipped without a CUDA GPU; run by scripts/gpu_check_cuda.sh."""
+Skipped without a CUDA GPU; run by scripts/gpu_check.sh."""
 
 import math
 
