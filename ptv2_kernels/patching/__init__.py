@@ -1,8 +1,9 @@
 """``patch_model`` / ``unpatch_model``: turn a transformers encoder (any task head) into a P-Tuning v2
 model whose self-attention reads the prefix through :func:`ptv2_kernels.prefix_attention`.
 
-Families are looked up by the class of ``model.base_model``. A new family (DeBERTa) implements
-:class:`~ptv2_kernels.patching.base.ModelFamily` in its own module and is added to ``FAMILIES``.
+Families are looked up by the class of ``model.base_model``: BERT, RoBERTa (``bert.py``), DeBERTa and
+DeBERTa-v2/v3 (``deberta.py``). A new family implements :class:`~ptv2_kernels.patching.base.ModelFamily` in its
+own module and is added to ``FAMILIES``.
 Only module instances are changed (instance ``forward`` attributes, hooks, one submodule), never classes,
 so other models in the process are unaffected.
 """
@@ -17,8 +18,9 @@ from ..prefix_encoder import PrefixConfig, PrefixEncoder
 from .base import (ENCODER_ATTR, STATE_ATTR, ModelFamily, PatchState, clear_task_ids_hook, start_call_hook,
                    take_task_ids_hook)
 from .bert import BERT, ROBERTA
+from .deberta import DEBERTA, DEBERTA_V2
 
-FAMILIES: list = [BERT, ROBERTA]
+FAMILIES: list = [BERT, ROBERTA, DEBERTA, DEBERTA_V2]
 MIN_TRANSFORMERS_MAJOR = 5
 
 
@@ -72,8 +74,10 @@ def patch_model(
     self-attention of the chosen layers through ``prefix_attention``, in train and eval mode.
 
     Args:
-        model: a transformers BERT or RoBERTa model, bare or with any task head, encoder configuration.
-        prefix_len: P, the number of prefix positions per layer; positions of the tokens shift by P.
+        model: a transformers BERT, RoBERTa, DeBERTa or DeBERTa-v2/v3 model, bare or with any task head, encoder
+            configuration.
+        prefix_len: P, the number of prefix positions per layer; absolute positions of the tokens shift by P
+            (DeBERTa's relative positions do not).
         prefix_projection, prefix_hidden_size: the reparameterization MLP (SPEC §2).
         prefix_dropout: per-row dropout on the prefix K/V in training; None = ``config.hidden_dropout_prob``.
         layers: prompt depth, the layer indices that get a prefix; None = every layer.
