@@ -325,7 +325,10 @@ def test_unsupported_models_and_options():
 
 
 def test_old_transformers_is_refused(monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "4.46.3")
+    import ptv2_kernels.patching
+
+    # the module object patch_model reads (importing peft can replace sys.modules["transformers"])
+    monkeypatch.setattr(ptv2_kernels.patching.transformers, "__version__", "4.46.3")
     with pytest.raises(RuntimeError, match="transformers 4.46.3"):
         patch_model(tiny_model("bert"), PREFIX_LEN)
 
@@ -494,3 +497,17 @@ def test_convergence_matches_concat_baseline():
     fused, baseline = train(False), train(True)
     torch.testing.assert_close(fused, baseline, rtol=1e-3, atol=1e-4)
     assert fused[-1] < 0.7 * fused[0]
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_deep_copy_reads_its_own_prefix(family):
+    """A deep copy of a patched model is patched with its own prefix and state, not the original's."""
+    model = tiny_model(family).eval()
+    patch_model(model, PREFIX_LEN)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.prefix_encoder.prefix.add_(1.0)
+    inputs = random_inputs(model)
+    assert not torch.allclose(model(**inputs).logits, clone(**inputs).logits)
+    unpatch_model(clone)
+    assert model.prefix_encoder is not None

@@ -13,6 +13,7 @@ How one forward of a patched model runs:
 """
 
 import abc
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -118,33 +119,37 @@ def _examples(bound: inspect.BoundArguments) -> tuple:
     raise ValueError("the patched model needs input_ids or inputs_embeds")
 
 
+# The hooks are partials of module-level functions, not closures, so that ``copy.deepcopy`` of a patched
+# model gives hooks bound to the copy's own PatchState.
+
+
 def take_task_ids_hook(state: PatchState):
     """Top-level pre-hook: pop ``task_ids`` (``[B]``, one per example) and repeat it over the flattened rows
     of each example (the choices of a multiple-choice head)."""
+    return functools.partial(_take_task_ids, state)
 
-    def hook(model, args, kwargs):
-        task_ids = kwargs.pop("task_ids", None)
-        if task_ids is not None:
-            if not isinstance(task_ids, torch.Tensor):
-                raise TypeError(f"task_ids must be a [B] int64 tensor, got {type(task_ids).__name__}")
-            examples = _examples(bound_arguments(model, args, kwargs))
-            if tuple(task_ids.shape) != examples[:1]:
-                raise ValueError(f"task_ids must have one entry per example, shape {list(examples[:1])}, "
-                                 f"got {list(task_ids.shape)}")
-            task_ids = task_ids.repeat_interleave(math.prod(examples[1:]))
-        state.pending_task_ids = task_ids
-        return args, kwargs
 
-    return hook
+def _take_task_ids(state: PatchState, model, args, kwargs):
+    task_ids = kwargs.pop("task_ids", None)
+    if task_ids is not None:
+        if not isinstance(task_ids, torch.Tensor):
+            raise TypeError(f"task_ids must be a [B] int64 tensor, got {type(task_ids).__name__}")
+        examples = _examples(bound_arguments(model, args, kwargs))
+        if tuple(task_ids.shape) != examples[:1]:
+            raise ValueError(f"task_ids must have one entry per example, shape {list(examples[:1])}, "
+                             f"got {list(task_ids.shape)}")
+        task_ids = task_ids.repeat_interleave(math.prod(examples[1:]))
+    state.pending_task_ids = task_ids
+    return args, kwargs
 
 
 def clear_task_ids_hook(state: PatchState):
     """Top-level post-hook (runs even when the forward raised): forget this forward's ``task_ids``."""
+    return functools.partial(_clear_task_ids, state)
 
-    def hook(model, args, kwargs, output):
-        state.pending_task_ids = None
 
-    return hook
+def _clear_task_ids(state: PatchState, model, args, kwargs, output):
+    state.pending_task_ids = None
 
 
 def _check_task_ids(task_ids: Optional[torch.Tensor], num_tasks: int, batch: int) -> Optional[torch.Tensor]:
@@ -168,28 +173,28 @@ def _check_task_ids(task_ids: Optional[torch.Tensor], num_tasks: int, batch: int
 
 def start_call_hook(state: PatchState):
     """Base-model pre-hook: build this forward's :class:`PrefixCall` and pass it down as a keyword."""
+    return functools.partial(_start_call, state)
 
-    def hook(base_model, args, kwargs):
-        bound = bound_arguments(base_model, args, kwargs)
-        if bound.arguments.get("past_key_values") is not None:
-            raise ValueError("a patched model reads its prefix from the PrefixEncoder; past_key_values must be None")
-        examples = _examples(bound)
-        mask = bound.arguments.get("attention_mask")
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != examples[0]:
-                raise ValueError("attention_mask of a patched model must be a 2D [B, N] padding mask (1 = real "
-                                 f"token), got {getattr(mask, 'shape', type(mask).__name__)}")
-            mask = mask.bool()
-        task_ids = kwargs.pop("task_ids", None)
-        task_ids = state.pending_task_ids if task_ids is None else task_ids
-        encoder = state.encoder
-        kwargs[CALL_KWARG] = PrefixCall(
-            prefix=encoder(),
-            key_padding_mask=mask,
-            task_ids=_check_task_ids(task_ids, encoder.config.num_tasks, examples[0]),
-            prefix_dropout_p=encoder.config.prefix_dropout if encoder.training else 0.0,
-            backend=state.backend,
-        )
-        return args, kwargs
 
-    return hook
+def _start_call(state: PatchState, base_model, args, kwargs):
+    bound = bound_arguments(base_model, args, kwargs)
+    if bound.arguments.get("past_key_values") is not None:
+        raise ValueError("a patched model reads its prefix from the PrefixEncoder; past_key_values must be None")
+    examples = _examples(bound)
+    mask = bound.arguments.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != examples[0]:
+            raise ValueError("attention_mask of a patched model must be a 2D [B, N] padding mask (1 = real "
+                             f"token), got {getattr(mask, 'shape', type(mask).__name__)}")
+        mask = mask.bool()
+    task_ids = kwargs.pop("task_ids", None)
+    task_ids = state.pending_task_ids if task_ids is None else task_ids
+    encoder = state.encoder
+    kwargs[CALL_KWARG] = PrefixCall(
+        prefix=encoder(),
+        key_padding_mask=mask,
+        task_ids=_check_task_ids(task_ids, encoder.config.num_tasks, examples[0]),
+        prefix_dropout_p=encoder.config.prefix_dropout if encoder.training else 0.0,
+        backend=state.backend,
+    )
+    return args, kwargs
