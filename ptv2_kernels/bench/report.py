@@ -140,7 +140,7 @@ def headline_line(doc: Dict) -> str:
 def markdown(doc: Dict) -> str:
     """``results.md``: provenance, headline, table and skipped providers."""
     h = doc["headline"]
-    lines = [f"# ptv2-bench results", "",
+    lines = ["# ptv2-bench results", "",
              f"- device: {doc['device']}", f"- torch {doc['torch']}, triton {doc['triton']}",
              f"- commit: `{doc['commit']}`", f"- command: `{doc['command']}`"]
     if h["case"]:

@@ -14,6 +14,7 @@ How one forward of a patched model runs:
 
 import abc
 import functools
+import importlib
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -66,17 +67,31 @@ def take_call(kwargs: dict) -> PrefixCall:
 
 
 class ModelFamily(abc.ABC):
-    """How one transformers model family is patched; ``patching/__init__.py`` keeps the registered ones."""
+    """How one transformers model family is patched; ``patching/__init__.py`` keeps the registered ones.
+    A family names its transformers module, base model class and self-attention class; the layout
+    ``base.encoder.layer[i].attention.self`` is the one BERT, RoBERTa and DeBERTa share."""
 
     name: str
+    module_path: str
+    base_class: str
+    attention_class: str
 
-    @abc.abstractmethod
+    def _module(self):
+        return importlib.import_module(self.module_path)
+
     def base_model_classes(self) -> tuple:
         """The base model classes (``BertModel``, ...) this family patches, any task head around them."""
+        return (getattr(self._module(), self.base_class),)
 
-    @abc.abstractmethod
     def self_attention_modules(self, base_model: nn.Module) -> list:
         """One self-attention module per layer, in layer order; RuntimeError if the layout is unexpected."""
+        attention_class = getattr(self._module(), self.attention_class)
+        modules = [layer.attention.self for layer in base_model.encoder.layer]
+        for module in modules:
+            if type(module) is not attention_class:
+                raise RuntimeError(f"expected {self.attention_class} self-attention modules in {self.name}, found "
+                                   f"{type(module).__name__}: this transformers version is not supported")
+        return modules
 
     @abc.abstractmethod
     def patched_forward(self, module: nn.Module, slot: int):

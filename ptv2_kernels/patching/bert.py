@@ -57,31 +57,14 @@ class _BertLike(ModelFamily):
                  positions_after_padding_idx: bool):
         self.name = name
         self._positions_after_padding_idx = positions_after_padding_idx
-        self._module_path = module_path
-        self._base_class = base_class
-        self._attention_class = attention_class
-
-    def _module(self):
-        import importlib
-
-        return importlib.import_module(self._module_path)
-
-    def base_model_classes(self) -> tuple:
-        return (getattr(self._module(), self._base_class),)
+        self.module_path = module_path
+        self.base_class = base_class
+        self.attention_class = attention_class
 
     def check_config(self, config) -> None:
         if config.is_decoder or config.add_cross_attention:
             raise ValueError(f"patch_model supports {self.name} as a bidirectional encoder; got config.is_decoder="
                              f"{config.is_decoder}, config.add_cross_attention={config.add_cross_attention}")
-
-    def self_attention_modules(self, base_model: nn.Module) -> list:
-        attention_class = getattr(self._module(), self._attention_class)
-        modules = [layer.attention.self for layer in base_model.encoder.layer]
-        for module in modules:
-            if type(module) is not attention_class:
-                raise RuntimeError(f"expected {self._attention_class} self-attention modules in {self.name}, found "
-                                   f"{type(module).__name__}: this transformers version is not supported")
-        return modules
 
     def patched_forward(self, module: nn.Module, slot: int):
         return functools.partial(_self_attention_forward, module, slot)

@@ -20,7 +20,6 @@ layer inside the one argument the encoder passes through unchanged, ``relative_p
 
 import abc
 import functools
-import importlib
 import math
 from typing import Optional
 
@@ -145,15 +144,7 @@ def _attention_forward(family: "_DebertaFamily", module: nn.Module, slot: int, h
 class _DebertaFamily(ModelFamily):
     """DeBERTa layout: ``base.encoder.layer[i].attention.self``, ``base.embeddings``, ``base.encoder``."""
 
-    module_path: str
-    base_class: str
     attention_class = "DisentangledSelfAttention"
-
-    def _module(self):
-        return importlib.import_module(self.module_path)
-
-    def base_model_classes(self) -> tuple:
-        return (getattr(self._module(), self.base_class),)
 
     def check_config(self, config) -> None:
         """pos_att_type: distinct c2p/p2c only (so v1's and v2's score scales agree: 1 + len(pos_att_type))."""
@@ -161,15 +152,6 @@ class _DebertaFamily(ModelFamily):
         if not set(kinds) <= set(SUPPORTED_POS_ATT_TYPES) or len(set(kinds)) != len(kinds):
             raise ValueError(f"patch_model supports config.pos_att_type made of distinct {SUPPORTED_POS_ATT_TYPES} "
                              f"for {self.name}; got {kinds}")
-
-    def self_attention_modules(self, base_model: nn.Module) -> list:
-        attention_class = getattr(self._module(), self.attention_class)
-        modules = [layer.attention.self for layer in base_model.encoder.layer]
-        for module in modules:
-            if type(module) is not attention_class:
-                raise RuntimeError(f"expected {self.attention_class} self-attention modules in {self.name}, found "
-                                   f"{type(module).__name__}: this transformers version is not supported")
-        return modules
 
     def patched_forward(self, module: nn.Module, slot: int):
         return functools.partial(_attention_forward, self, module, slot)
