@@ -7,6 +7,7 @@ Formats:
   safetensors file of its head weights when it has its own);
 - a PEFT 0.21 prefix-tuning adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``
   with ``prompt_embeddings`` ``[P, 2·L·hidden]`` and, for classification, ``base_model.classifier.*``);
+  BERT/RoBERTa only: PEFT refuses DeBERTa (no ``past_key_values``);
 - a P-Tuning v2 reference (THUDM) prefix-encoder state dict: ``embedding.weight`` ``[P, 2·L·hidden]``, or
   with projection ``embedding.weight`` ``[P, hidden]``, ``trans.0.*``, ``trans.2.*`` (keys may carry the
   reference model's ``prefix_encoder.`` prefix; other keys of a whole model state dict are ignored).
@@ -29,6 +30,7 @@ BANK_VERSION = 1
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_TASK_TYPES = {SEQUENCE_CLASSIFICATION: "SEQ_CLS", TOKEN_CLASSIFICATION: "TOKEN_CLS"}
+PEFT_MODEL_TYPES = ("bert", "roberta")
 THUDM_PLAIN_KEYS = {"embedding.weight"}
 THUDM_PROJECTION_KEYS = {"embedding.weight", "trans.0.weight", "trans.0.bias", "trans.2.weight", "trans.2.bias"}
 
@@ -36,7 +38,7 @@ THUDM_PROJECTION_KEYS = {"embedding.weight", "trans.0.weight", "trans.0.bias", "
 @dataclass
 class TaskCheckpoint:
     """One task as read from disk: compact ``prefix`` ``[L', 2, H, P, D]`` (float32) and optional ``head``
-    weights (the model's ``classifier`` state dict)."""
+    weights (the state dict of ``server.head.module``: the ``classifier``, or DeBERTa's pooler + classifier)."""
 
     prefix: torch.Tensor
     head: Optional[Dict[str, torch.Tensor]] = None
@@ -129,9 +131,17 @@ def read_bank(server, directory) -> Dict[str, TaskCheckpoint]:
 
 
 # ---- PEFT adapters --------------------------------------------------------------------------------------
+def _check_peft_model(server, source) -> None:
+    model_type = server.model.config.model_type
+    if model_type not in PEFT_MODEL_TYPES:
+        raise ValueError(f"{source}: PEFT prefix tuning runs {PEFT_MODEL_TYPES} models only (PEFT refuses "
+                         f"{model_type!r}); use a save_prefix file, a bank or a P-Tuning v2 state dict")
+
+
 def read_peft_adapter(server, directory) -> TaskCheckpoint:
     """A PEFT prefix-tuning adapter directory (``prompt_embeddings`` and classifier weights, if any)."""
     directory = Path(directory)
+    _check_peft_model(server, directory)
     try:
         config = json.loads((directory / PEFT_CONFIG).read_text())
     except (OSError, ValueError) as error:
@@ -171,6 +181,7 @@ def write_peft_adapter(server, task: str, directory) -> None:
     from safetensors.torch import save_file
 
     served = server.prefix_config
+    _check_peft_model(server, f"PEFT export of task {task!r}")
     _check_full_depth(server, f"PEFT export of task {task!r}")
     weights = {"prompt_embeddings": prefix_to_flat(server.task_prefix(task).float())}
     head_name = server.head.module_name

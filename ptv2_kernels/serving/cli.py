@@ -25,7 +25,7 @@ def _task(text: str):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptv2-serve", description="Serve prefix-tuned (P-Tuning v2) tasks on one "
-                                "frozen BERT/RoBERTa over HTTP: POST /predict, GET /tasks.")
+                                "frozen BERT/RoBERTa/DeBERTa over HTTP: POST /predict, GET /tasks.")
     p.add_argument("--model", required=True, help="transformers model directory or hub name (the frozen backbone)")
     p.add_argument("--output", choices=tuple(AUTO_CLASSES), default=SEQUENCE_CLASSIFICATION,
                    help="model head (default: sequence-classification)")
@@ -39,7 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tokens", type=int, default=8192, help="token budget per batch (default: 8192)")
     p.add_argument("--max-batch-size", type=int, default=64, help="requests per batch (default: 64)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="batcher wait to fill a batch (default: 5)")
-    p.add_argument("--padded", action="store_true", help="pad batches instead of packing the sequences")
+    p.add_argument("--padded", action="store_true",
+                   help="pad batches instead of packing the sequences (DeBERTa is always padded)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (local only)")
@@ -63,7 +64,7 @@ def build_server(args) -> PrefixServer:
         tokenizer = None
     server = PrefixServer(model, args.prefix_len, tokenizer=tokenizer, max_tasks=args.max_tasks, layers=args.layers,
                           max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
-                          max_wait_ms=args.max_wait_ms, packed=not args.padded)
+                          max_wait_ms=args.max_wait_ms, packed=False if args.padded else None)
     for directory in args.bank:
         load_bank(server, directory)
     for name, path in args.task:

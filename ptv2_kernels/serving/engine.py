@@ -4,7 +4,7 @@
   removing a task writes one slot (no model reload). Each batch row carries its task's slot as
   ``task_ids``, read by the fused kernels' bank path: no per-task loop, no expanded prefix.
 - Requests are tokenized, sorted by length and cut into batches under a token budget, then run packed
-  (``cu_seqlens``, no padding tokens) or padded (``packed=False``).
+  (``cu_seqlens``, no padding tokens; BERT/RoBERTa) or padded (``packed=False``; always for DeBERTa).
 - ``submit`` feeds a background batcher that groups concurrent requests (dynamic batching).
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import patch_model
 from .heads import Head
-from .packed import packed_forward
+from .packed import PACKED_MODEL_TYPES, packed_forward
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class _Item:
 
 
 class PrefixServer:
-    """Serve many prefix-tuned tasks on one frozen BERT/RoBERTa model.
+    """Serve many prefix-tuned tasks on one frozen BERT, RoBERTa, DeBERTa or DeBERTa-v2/v3 model.
 
     Args:
         model: an unpatched transformers model (``*ForSequenceClassification``, ``*ForTokenClassification``
@@ -66,18 +66,25 @@ class PrefixServer:
         tokenizer: a transformers tokenizer, needed for text requests.
         max_batch_tokens: token budget of one batch (packed: real tokens; padded: rows × longest row).
         max_batch_size: most requests per batch. ``max_wait_ms``: how long the batcher waits to fill a batch.
-        packed: run sequences packed without padding (default) or padded (False).
+        packed: run sequences packed without padding (True) or padded (False). None (default): packed for
+            BERT/RoBERTa, padded for DeBERTa, which has no packed path (``packed=True`` raises ValueError).
         backend: the ``prefix_attention`` backend.
 
     Over-long inputs: text is truncated to :attr:`max_length` tokens (``Result.truncated``); ``input_ids``
-    longer than that are refused for that request.
+    longer than that are refused for that request. ``max_length`` is ``max_position_embeddings − P``
+    (RoBERTa also ``− padding_idx − 1``); DeBERTa without absolute positions (``position_biased_input=False``,
+    as in the released checkpoints) shifts nothing, so ``max_position_embeddings``.
     """
 
     def __init__(self, model: nn.Module, prefix_len: int, *, tokenizer=None, max_tasks: int = 16, layers=None,
                  max_batch_tokens: int = 8192, max_batch_size: int = 64, max_wait_ms: float = 5.0,
-                 packed: bool = True, backend: str = "auto"):
+                 packed: Optional[bool] = None, backend: str = "auto"):
         if max_tasks < 2:
             raise ValueError(f"max_tasks must be >= 2 (the bank's slot count), got {max_tasks}")
+        model_type = model.config.model_type
+        if packed and model_type not in PACKED_MODEL_TYPES:
+            raise ValueError(f"packed inference supports {PACKED_MODEL_TYPES} models; a {model_type!r} model is "
+                             "served padded: pass packed=None (the default) or False")
         self.head = Head(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -87,11 +94,13 @@ class PrefixServer:
         self.device, self.dtype = parameter.device, parameter.dtype
         self.encoder.to(self.dtype).requires_grad_(False)
         self.encoder.prefix.zero_()
-        model_type = model.config.model_type
-        self.packed = bool(packed)
+        self.packed = model_type in PACKED_MODEL_TYPES if packed is None else packed
         embeddings = model.base_model.embeddings
-        first_position = embeddings.padding_idx + 1 if model_type == "roberta" else 0
-        self.max_length = embeddings.position_embeddings.num_embeddings - first_position - prefix_len
+        if embeddings.position_embeddings is None:  # DeBERTa with relative positions only
+            self.max_length = model.config.max_position_embeddings
+        else:
+            first_position = embeddings.padding_idx + 1 if model_type == "roberta" else 0
+            self.max_length = embeddings.position_embeddings.num_embeddings - first_position - prefix_len
         if tokenizer is not None and tokenizer.model_max_length:
             self.max_length = min(self.max_length, tokenizer.model_max_length)
         self.max_batch_tokens, self.max_batch_size, self.max_wait_ms = max_batch_tokens, max_batch_size, max_wait_ms
@@ -120,7 +129,8 @@ class PrefixServer:
     def add_task(self, name: str, prefix: torch.Tensor, head: Optional[Dict[str, torch.Tensor]] = None, *,
                  replace: bool = False) -> None:
         """Serve ``name`` with the compact ``prefix`` ``[L', 2, H, P, D]`` and optional head weights
-        (state dict of the model's ``classifier``); see :meth:`add_tasks`."""
+        (state dict of ``self.head.module``: the model's ``classifier``; DeBERTa sequence classification:
+        ``pooler.*`` and ``classifier.*``); see :meth:`add_tasks`."""
         self.add_tasks({name: (prefix, head)}, replace=replace)
 
     def add_tasks(self, tasks: Dict[str, tuple], *, replace: bool = False) -> None:
@@ -285,17 +295,20 @@ class PrefixServer:
         return items
 
     def _check_ids(self, item: _Item) -> None:
-        request, vocab = item.request, self.model.config.vocab_size
+        request, vocab, types = item.request, self.model.config.vocab_size, self.model.config.type_vocab_size
         ids = list(request.input_ids)
         if not ids:
             item.error = "input_ids is empty"
         elif len(ids) > self.max_length:
-            item.error = (f"input has {len(ids)} tokens, at most {self.max_length} fit (max_position_embeddings "
-                          f"minus prefix_len {self.prefix_config.prefix_len}); send text to truncate, or shorten it")
+            item.error = (f"input has {len(ids)} tokens, at most {self.max_length} fit (server.max_length, from "
+                          "max_position_embeddings and prefix_len); send text to truncate, or shorten it")
         elif not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
             item.error = f"input_ids must be integers in [0, {vocab})"
         elif request.token_type_ids is not None and len(request.token_type_ids) != len(ids):
             item.error = "token_type_ids must have one entry per input id"
+        elif types and request.token_type_ids is not None and not all(isinstance(t, int) and 0 <= t < types
+                                                                      for t in request.token_type_ids):
+            item.error = f"token_type_ids must be integers in [0, {types}) (type_vocab_size)"
         else:
             item.ids = ids
             item.types = None if request.token_type_ids is None else list(request.token_type_ids)

@@ -2,8 +2,9 @@
 
 The backbone of a served model produces token states packed without padding, ``[total, hidden]`` with
 ``cu_seqlens`` ``[B + 1]`` (from the padded or the packed path alike); a :class:`Head` turns them into one
-output per request. Each task may bring its own weights for the head module (``classifier``: what
-P-Tuning v2 and PEFT train next to the prefix); rows of tasks without them use the model's own head.
+output per request. Each task may bring its own weights for the head module (what P-Tuning v2 and PEFT
+train next to the prefix: ``classifier``; DeBERTa sequence classification: ``pooler`` and ``classifier``);
+rows of tasks without them use the model's own head.
 """
 
 from typing import Dict, List, Optional
@@ -15,17 +16,33 @@ from torch.func import functional_call
 SEQUENCE_CLASSIFICATION = "sequence-classification"
 TOKEN_CLASSIFICATION = "token-classification"
 EMBEDDING = "embedding"
-SERVED_MODEL_TYPES = ("bert", "roberta")
+DEBERTA_MODEL_TYPES = ("deberta", "deberta-v2")
+SERVED_MODEL_TYPES = ("bert", "roberta", *DEBERTA_MODEL_TYPES)
+
+
+class PooledClassifier(nn.Module):
+    """DeBERTa's sequence head as one module: ``pooler`` (``ContextPooler``, first token) then ``classifier``.
+    A task's own weights cover both (keys ``pooler.*``, ``classifier.*``): P-Tuning v2 trains both."""
+
+    def __init__(self, pooler: nn.Module, classifier: nn.Module):
+        super().__init__()
+        self.pooler, self.classifier = pooler, classifier
+
+    def forward(self, first: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pooler(first))
 
 
 class Head:
     """What a served model outputs per request, from its class.
 
     - ``*ForSequenceClassification``: ``logits`` ``[num_labels]`` (BERT: pooler then ``classifier``;
-      RoBERTa: ``classifier`` on the ``<s>`` state).
+      RoBERTa: ``classifier`` on the ``<s>`` state; DeBERTa: :class:`PooledClassifier`).
     - ``*ForTokenClassification``: ``logits`` ``[n, num_labels]``, one row per input token.
-    - bare ``BertModel`` / ``RobertaModel``: ``embedding`` ``[hidden]``, the mean of the token states
-      (sentence-transformers pooling).
+    - a bare base model (``BertModel``, ``DebertaV2Model``, ...): ``embedding`` ``[hidden]``, the mean of the
+      token states (sentence-transformers pooling).
+
+    ``module`` is what a task's own head weights replace (its state dict's keys), ``module_name`` names it
+    (``classifier``, or ``pooler+classifier`` for DeBERTa sequence classification); both None for embeddings.
     """
 
     def __init__(self, model: nn.Module):
@@ -33,7 +50,7 @@ class Head:
         self.base = model.base_model
         if self.base.config.model_type not in SERVED_MODEL_TYPES:
             raise TypeError(f"serving supports {SERVED_MODEL_TYPES} models, got {name} (model type "
-                            f"{self.base.config.model_type!r}); DeBERTa heads (ContextPooler) are not wired up yet")
+                            f"{self.base.config.model_type!r})")
         if name.endswith("ForSequenceClassification"):
             self.kind, self.output_name = SEQUENCE_CLASSIFICATION, "logits"
         elif name.endswith("ForTokenClassification"):
@@ -43,13 +60,12 @@ class Head:
         else:
             raise TypeError(f"serving supports *ForSequenceClassification, *ForTokenClassification and bare base "
                             f"models; got {name}")
+        model_type = self.base.config.model_type
         self.module: Optional[nn.Module] = None if self.kind == EMBEDDING else model.classifier
-        self._cls_pooler = self.kind == SEQUENCE_CLASSIFICATION and self.base.config.model_type == "bert"
-
-    @property
-    def module_name(self) -> Optional[str]:
-        """Name of the per-task head module in the model (``classifier``), None for embeddings."""
-        return None if self.module is None else "classifier"
+        self.module_name: Optional[str] = None if self.kind == EMBEDDING else "classifier"
+        if self.kind == SEQUENCE_CLASSIFICATION and model_type in DEBERTA_MODEL_TYPES:
+            self.module, self.module_name = PooledClassifier(model.pooler, model.classifier), "pooler+classifier"
+        self._cls_pooler = self.kind == SEQUENCE_CLASSIFICATION and model_type == "bert"
 
     def check_state(self, state: Dict[str, torch.Tensor]) -> None:
         """ValueError naming missing, unexpected or mis-shaped keys of a task's head weights."""

@@ -14,6 +14,8 @@ from torch import nn
 from .. import prefix_attention_varlen
 from ..patching.base import STATE_ATTR
 
+PACKED_MODEL_TYPES = ("bert", "roberta")
+
 
 def segment_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """``[total]``: the sequence index of every packed token."""
@@ -76,8 +78,9 @@ def packed_forward(model: nn.Module, input_ids: torch.Tensor, cu_seqlens: torch.
         raise ValueError("packed_forward needs a model patched with a prefix bank (patch_model(..., num_tasks>1))")
     config = state.encoder.config
     base = model.base_model
-    if base.config.model_type not in ("bert", "roberta"):
-        raise TypeError(f"packed inference supports BERT and RoBERTa, got model type {base.config.model_type!r}")
+    if base.config.model_type not in PACKED_MODEL_TYPES:
+        raise TypeError(f"packed inference supports {PACKED_MODEL_TYPES} models, got model type "
+                        f"{base.config.model_type!r}")
     embeddings = base.embeddings
     padding_idx = embeddings.padding_idx if base.config.model_type == "roberta" else None
     positions = packed_positions(input_ids, cu_seqlens, config.prefix_len, padding_idx)
