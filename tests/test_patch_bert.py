@@ -237,17 +237,13 @@ class concat_baseline:
         patching_base.prefix_attention = self._saved
 
 
-@pytest.mark.parametrize("head", ["ForSequenceClassification", "ForMultipleChoice"])
-def test_bank_rows_match_single_task_models(head):
-    """num_tasks=3 with mixed task_ids: each row equals a single-prefix model loaded with its task's
-    prefix, and each task's gradient is the sum over its rows. Multiple choice: one id per example."""
-    model = tiny_model("roberta", head)
-    bank = patch_model(model, PREFIX_LEN, num_tasks=3)
+def assert_bank_rows_match_single_task_models(model, inputs, task_ids, prefix_len):
+    """Patch ``model`` with a bank of 3 and a deep copy with one prefix: each row of a mixed-task batch
+    equals the single-prefix model loaded with its task's prefix, and each task's gradient is the sum
+    over its rows. Multiple choice: one id per example."""
     single_model = copy.deepcopy(model)
-    unpatch_model(single_model)
-    single = patch_model(single_model, PREFIX_LEN)
-    inputs = random_inputs(model, batch=4, head=head)
-    task_ids = torch.tensor([2, 0, 2, 1])
+    bank = patch_model(model, prefix_len, num_tasks=3)
+    single = patch_model(single_model, prefix_len)
     logits = model(**inputs, task_ids=task_ids).logits
     weights = torch.randn(logits.shape)
     (logits * weights).sum().backward()
@@ -260,6 +256,13 @@ def test_bank_rows_match_single_task_models(head):
         torch.testing.assert_close(logits[rows], expected, **TOL)
         (expected * weights[rows]).sum().backward()
         torch.testing.assert_close(bank.prefix.grad[task], single.prefix.grad, **TOL)
+
+
+@pytest.mark.parametrize("head", ["ForSequenceClassification", "ForMultipleChoice"])
+def test_bank_rows_match_single_task_models(head):
+    model = tiny_model("roberta", head)
+    inputs = random_inputs(model, batch=4, head=head)
+    assert_bank_rows_match_single_task_models(model, inputs, torch.tensor([2, 0, 2, 1]), PREFIX_LEN)
 
 
 def test_bank_with_projection_shapes_and_grads():

@@ -23,6 +23,8 @@ import transformers
 from ptv2_kernels import load_prefix, patch_model, save_prefix, unpatch_model
 from ptv2_kernels.patching import base as patching_base
 
+from .test_patch_bert import assert_bank_rows_match_single_task_models
+
 PREFIX_LEN = 3
 SEQ_LEN = 7
 NUM_CHOICES = 2
@@ -350,27 +352,10 @@ def test_projection_and_prefix_dropout():
 
 
 def test_bank_rows_match_single_task_models():
-    """num_tasks=3 with mixed task_ids on a multiple-choice head (one id per question): each row equals a
-    single-prefix model with its task's prefix; each task's gradient is the sum over its rows."""
     head = "ForMultipleChoice"
     model = tiny_model("v2-share-buckets", head)
-    single_model = copy.deepcopy(model)
-    bank = patch_model(model, PREFIX_LEN, num_tasks=3)
-    single = patch_model(single_model, PREFIX_LEN)
     inputs = random_inputs(model, batch=4, head=head)
-    task_ids = torch.tensor([2, 0, 2, 1])
-    logits = model(**inputs, task_ids=task_ids).logits
-    weights = torch.randn(logits.shape)
-    (logits * weights).sum().backward()
-    for task in range(3):
-        rows = task_ids == task
-        with torch.no_grad():
-            single.prefix.copy_(bank.prefix[task])
-        single.prefix.grad = None
-        expected = single_model(**{name: t[rows] for name, t in inputs.items()}).logits
-        torch.testing.assert_close(logits[rows], expected, **TOL)
-        (expected * weights[rows]).sum().backward()
-        torch.testing.assert_close(bank.prefix.grad[task], single.prefix.grad, **TOL)
+    assert_bank_rows_match_single_task_models(model, inputs, torch.tensor([2, 0, 2, 1]), PREFIX_LEN)
 
 
 def test_save_and_load(tmp_path):
