@@ -64,22 +64,23 @@ def random_inputs(model, batch=3, seq=SEQ_LEN, head="ForSequenceClassification")
 
 
 def real_outputs(output, attention_mask):
-    """Every tensor output of a model, per-token ones restricted to real tokens."""
+    """Every tensor output (hidden-state tuples included), per-token ones restricted to real tokens."""
     mask = attention_mask.bool().reshape(-1, attention_mask.shape[-1])
     values = []
-    for tensor in output.values():
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        if tensor.dim() >= 2 and tuple(tensor.shape[:2]) == tuple(mask.shape):
-            tensor = tensor[mask]
-        values.append(tensor)
+    for value in output.values():
+        for tensor in value if isinstance(value, tuple) else (value,):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            if tensor.dim() >= 2 and tuple(tensor.shape[:2]) == tuple(mask.shape):
+                tensor = tensor[mask]
+            values.append(tensor)
     return values
 
 
 def weighted_sum(values, seed=123):
     """A scalar loss touching every output element with fixed random weights."""
     generator = torch.Generator().manual_seed(seed)
-    return sum((v * torch.randn(v.shape, generator=generator)).sum() for v in values)
+    return sum((v * torch.randn(v.shape, generator=generator, dtype=v.dtype)).sum() for v in values)
 
 
 def peft_reference(model, head, **prefix_options):

@@ -23,7 +23,7 @@ import transformers
 from ptv2_kernels import load_prefix, patch_model, save_prefix, unpatch_model
 from ptv2_kernels.patching import base as patching_base
 
-from .test_patch_bert import assert_bank_rows_match_single_task_models
+from .test_patch_bert import assert_bank_rows_match_single_task_models, real_outputs, weighted_sum
 
 PREFIX_LEN = 3
 SEQ_LEN = 7
@@ -77,26 +77,6 @@ def random_inputs(model, batch=3, seq=SEQ_LEN, head="ForSequenceClassification")
     if head == "ForMultipleChoice":
         inputs = {name: t.reshape(batch, NUM_CHOICES, seq) for name, t in inputs.items()}
     return inputs
-
-
-def real_outputs(output, attention_mask):
-    """Every tensor output (hidden-state tuples included), per-token ones restricted to real tokens."""
-    mask = attention_mask.bool().reshape(-1, attention_mask.shape[-1])
-    values = []
-    for value in output.values():
-        for tensor in value if isinstance(value, tuple) else (value,):
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            if tensor.dim() >= 2 and tuple(tensor.shape[:2]) == tuple(mask.shape):
-                tensor = tensor[mask]
-            values.append(tensor)
-    return values
-
-
-def weighted_sum(values, seed=123):
-    """A scalar loss touching every output element with fixed random weights."""
-    generator = torch.Generator().manual_seed(seed)
-    return sum((v * torch.randn(v.shape, generator=generator, dtype=v.dtype)).sum() for v in values)
 
 
 def assert_close_lists(actual, expected, **tol):
