@@ -21,11 +21,12 @@ def _use_triton_interpreter_without_gpu() -> None:
 _use_triton_interpreter_without_gpu()
 
 from .baselines import concat_prefix_attention  # noqa: E402
+from .ops.disentangled import DisentangledBias  # noqa: E402
 from .ops.prefix_attention import prefix_attention, prefix_attention_varlen  # noqa: E402
 from .patching import patch_model, unpatch_model  # noqa: E402
 from .prefix_encoder import PrefixConfig, PrefixEncoder, load_prefix, save_prefix  # noqa: E402
 
-__all__ = ["prefix_attention", "prefix_attention_varlen", "concat_prefix_attention"]
+__all__ = ["prefix_attention", "prefix_attention_varlen", "concat_prefix_attention", "DisentangledBias"]
 __all__ += ["patch_model", "unpatch_model", "PrefixEncoder", "PrefixConfig", "save_prefix", "load_prefix"]
 __version__ = "0.1.0"
 from .serving import PrefixServer, Request  # noqa: E402

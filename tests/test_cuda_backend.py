@@ -43,7 +43,7 @@ def run_with_grads(function, tensors, mask, task_ids, d_out, options, packed=Fal
             return CudaPrefixAttention.apply(*t, mask, task_ids, options)
     else:
         def call(*t):
-            return function.apply(*t, mask, task_ids, None, None, options)
+            return function.apply(*t, mask, task_ids, None, None, None, None, None, options)
     return run_function_with_grads(call, tensors, d_out, packed=packed)
 
 

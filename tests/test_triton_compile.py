@@ -17,10 +17,11 @@ COMPILE_SCRIPT = textwrap.dedent('''
     from ptv2_kernels.kernels import prefix_attention_triton as kernels
 
     FLOAT_ARGS = {"scale", "scale_log2", "drop_scale", "prefix_scale"}
-    INT_ARGS = {"B", "H", "N", "P", "D", "PREFIX_BLOCKS"}
-    INDEX_POINTERS = {"TaskIds": "*i64", "Mask": "*u8", "Lse": "*fp32", "Delta": "*fp32", "DPK": "*fp32", "DPV": "*fp32"}
+    INT_ARGS = {"B", "H", "N", "P", "D", "R", "PREFIX_BLOCKS"}
+    INDEX_POINTERS = {"TaskIds": "*i64", "Mask": "*u8", "Lse": "*fp32", "Delta": "*fp32", "DPK": "*fp32", "DPV": "*fp32",
+                      "RelIndex": "*i32", "DPosK": "*fp32", "DPosQ": "*fp32"}
 
-    def compile_kernel(fn, dtype, arch, **constexprs):
+    def compile_kernel(fn, dtype, arch, num_warps=4, **constexprs):
         signature = {}
         for name in fn.arg_names:
             if name in constexprs:
@@ -35,16 +36,17 @@ COMPILE_SCRIPT = textwrap.dedent('''
                 signature[name] = "i64" if name == "seed" else "i32"
         src = ASTSource(fn=fn, signature=signature,
                         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
         limit = 227 * 1024 if arch >= 90 else 163 * 1024
         assert compiled.metadata.shared <= limit, (fn.__name__, compiled.metadata.shared)
-        print(fn.__name__, dtype, arch, "shared", compiled.metadata.shared, flush=True)
+        print(fn.__name__, dtype, arch, "warps", num_warps, "shared", compiled.metadata.shared, flush=True)
 
     tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64)
-    everything = dict(HAS_MASK=True, HAS_TASKS=True, HAS_BIAS=True, VARLEN=False, ATTN_DROPOUT=True,
-                      PREFIX_DROPOUT=True, **tiles)
-    nothing = dict(HAS_MASK=False, HAS_TASKS=False, HAS_BIAS=False, VARLEN=False, ATTN_DROPOUT=False,
-                   PREFIX_DROPOUT=False, **tiles)
+    everything = dict(HAS_MASK=True, HAS_TASKS=True, HAS_BIAS=True, HAS_C2P=True, HAS_P2C=True, VARLEN=False,
+                      ATTN_DROPOUT=True, PREFIX_DROPOUT=True, **tiles)
+    nothing = dict(HAS_MASK=False, HAS_TASKS=False, HAS_BIAS=False, HAS_C2P=False, HAS_P2C=False, VARLEN=False,
+                   ATTN_DROPOUT=False, PREFIX_DROPOUT=False, **tiles)
+    deberta = dict(nothing, HAS_MASK=True, HAS_C2P=True, HAS_P2C=True)
     packed = dict(nothing, HAS_TASKS=True, VARLEN=True, ATTN_DROPOUT=True)
     arch = int(sys.argv[1])
     compile_kernel(kernels.prefix_attention_fwd_kernel, "bf16", arch, DOT_FP32=False, **everything)
@@ -58,6 +60,10 @@ COMPILE_SCRIPT = textwrap.dedent('''
                        BIAS_GRAD=True, **everything)
         compile_kernel(kernels.prefix_attention_bwd_dkdv_kernel, "fp16", arch, DOT_FP32=False, DETERMINISTIC=True,
                        BIAS_GRAD=False, **packed)
+        for fn in (kernels.prefix_attention_fwd_kernel, kernels.prefix_attention_bwd_dq_kernel):
+            compile_kernel(fn, "bf16", arch, DOT_FP32=False, num_warps=8, **deberta)
+        compile_kernel(kernels.prefix_attention_bwd_dkdv_kernel, "bf16", arch, DOT_FP32=False, DETERMINISTIC=False,
+                       BIAS_GRAD=False, num_warps=8, **deberta)
 ''')
 
 

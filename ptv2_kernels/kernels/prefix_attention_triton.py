@@ -16,6 +16,13 @@ Layouts
 - attention bias (optional): ``[B, H, N, N]`` with any strides (0 for broadcast dimensions), added to
   the scaled scores of the sequence columns only (prefix columns get none); its gradient: contiguous
   ``[B, H, N, N]``.
+- disentangled relative terms (optional, DeBERTa's c2p/p2c): ``PosK``/``PosQ`` contiguous ``[H, R, D]``
+  and ``RelIndex`` int32 ``[2, 2N - 1]``; for query ``i`` and sequence column ``j`` the unscaled score gains
+  ``q_i . PosK[h, RelIndex[0, i - j + N - 1]]`` (HAS_C2P) and ``k_j . PosQ[h, RelIndex[1, i - j + N - 1]]``
+  (HAS_P2C). A tile of BLOCK_M rows and BLOCK_N columns spans BLOCK_M + BLOCK_N - 1 distances: the kernels
+  multiply the tile's rows with that window of embeddings and gather each score's diagonal (window slot
+  ``w = m - n + BLOCK_N - 1``). Their gradients are float32 ``[H, 2N - 1, D]`` per *distance* (atomics:
+  the slots of one tile are distinct), folded into ``[H, R, D]`` by the host.
 
 Dropout RNG contract (shared with the CUDA backend; one 64-bit ``seed`` per call): a Philox4x32-10
 draw with key ``(seed & 0xffffffff, seed >> 32)`` and counter ``(c0, c1, c2, c3)``; the first output
@@ -107,6 +114,59 @@ def _load_bias(Bias, b, h, rows, cols, N, stride_bb, stride_bh, stride_bm, strid
 
 
 @triton.jit
+def _window_rows(Pos, RelIndex, TABLE: tl.constexpr, h, dist0, N, R, offs_d, D, WINDOW: tl.constexpr):
+    """Relative embeddings ``[WINDOW, BLOCK_D]`` of head ``h`` for the distances ``dist0 + w``, through
+    index table ``TABLE`` (0: c2p, 1: p2c); also each slot's distance-table position and whether it is in
+    the table (zero rows outside)."""
+    slots = dist0 + tl.arange(0, WINDOW) + N - 1
+    ok = (slots >= 0) & (slots < 2 * N - 1)
+    rows = tl.load(RelIndex + TABLE * (2 * N - 1) + slots, mask=ok, other=0)
+    ptrs = Pos + (h.to(tl.int64) * R + rows)[:, None] * D + offs_d[None, :]
+    return tl.load(ptrs, mask=ok[:, None] & (offs_d[None, :] < D), other=0.0), slots, ok
+
+
+@triton.jit
+def _rel_scores(q, k, PosK, PosQ, RelIndex, h, i0, j0, N, R, offs_d, D,
+                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, DOT_FP32: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Unscaled c2p + p2c ``[BLOCK_M, BLOCK_N]`` of query rows ``i0 + m`` (``q``) and sequence columns
+    ``j0 + n`` (``k``): window products ``q @ PosK_w^T`` / ``k @ PosQ_w^T`` gathered at slot
+    ``m - n + BLOCK_N - 1``."""
+    slot = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
+    dist0 = i0 - j0 - (BLOCK_N - 1)
+    rel = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if HAS_C2P:
+        emb, _, _ = _window_rows(PosK, RelIndex, 0, h, dist0, N, R, offs_d, D, BLOCK_M + BLOCK_N)
+        rel += tl.gather(_dot(q, tl.trans(emb), DOT_FP32), slot, axis=1)
+    if HAS_P2C:
+        emb, _, _ = _window_rows(PosQ, RelIndex, 1, h, dist0, N, R, offs_d, D, BLOCK_M + BLOCK_N)
+        rel += tl.trans(tl.gather(_dot(k, tl.trans(emb), DOT_FP32), tl.trans(slot), axis=1))
+    return rel
+
+
+@triton.jit
+def _rel_grad(ds, x, Pos, DPos, RelIndex, TABLE: tl.constexpr, h, dist0, N, R, offs_d, D, DOT_FP32: tl.constexpr,
+              ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    """Backward of one relative term of a tile. TABLE 0 (c2p): ``ds`` ``[BLOCK_M, BLOCK_N]`` and ``x = q``;
+    TABLE 1 (p2c): ``ds`` transposed ``[BLOCK_N, BLOCK_M]`` and ``x = k``. The score gradient is moved to
+    window slots (``dsw[a, w]``, zero where no score has that slot), its product with ``x`` is added to the
+    per-distance ``DPos`` with atomics, and ``dsw @ embeddings`` (x's gradient, unscaled) is returned."""
+    a = tl.arange(0, ROWS)[:, None]
+    w = tl.arange(0, WINDOW)[None, :]
+    if TABLE == 0:
+        col = a - w + (BLOCK_N - 1)  # c2p: slot w of query row m is column n = m + BLOCK_N - 1 - w
+    else:
+        col = a + w - (BLOCK_N - 1)  # p2c: slot w of key column n is row m = w + n - BLOCK_N + 1
+    ok = (col >= 0) & (col < COLS)
+    dsw = tl.where(ok, tl.gather(ds, tl.where(ok, col, 0), axis=1), 0.0)
+    emb, slots, slot_ok = _window_rows(Pos, RelIndex, TABLE, h, dist0, N, R, offs_d, D, WINDOW)
+    d_emb = _dot(tl.trans(dsw).to(x.dtype), x, DOT_FP32)
+    ptrs = DPos + (h.to(tl.int64) * (2 * N - 1) + slots)[:, None] * D + offs_d[None, :]
+    tl.atomic_add(ptrs, d_emb, mask=slot_ok[:, None] & (offs_d[None, :] < D))
+    return _dot(dsw.to(emb.dtype), emb, DOT_FP32)
+
+
+@triton.jit
 def _column_valid(Mask, b, offs_n, n, N, HAS_MASK: tl.constexpr):
     """Which sequence columns ``offs_n`` of batch row ``b`` (length ``n``, mask row stride ``N``) are
     real: in range and not padding."""
@@ -137,12 +197,13 @@ def _fwd_block(q, k, v, bias, col_valid, cols, rows, bh, m_i, l_i, acc, scale_lo
 
 @triton.jit
 def prefix_attention_fwd_kernel(
-    Q, K, V, PK, PV, TaskIds, Mask, Bias, CuSeqlens, Out, Lse,
+    Q, K, V, PK, PV, TaskIds, Mask, Bias, PosK, PosQ, RelIndex, CuSeqlens, Out, Lse,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    H, N, P, D, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
-    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
+    H, N, P, D, R, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
+    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_C2P: tl.constexpr,
+    HAS_P2C: tl.constexpr, VARLEN: tl.constexpr,
     ATTN_DROPOUT: tl.constexpr, PREFIX_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -174,6 +235,9 @@ def prefix_attention_fwd_kernel(
         valid = _column_valid(Mask, b, offs_n, n, N, HAS_MASK)
         bias = _load_bias(Bias, b, h, rows[:, None], offs_n[None, :], N, stride_bb, stride_bh, stride_bm, stride_bn,
                           HAS_BIAS)
+        if HAS_C2P or HAS_P2C:
+            bias = bias + _rel_scores(q, k, PosK, PosQ, RelIndex, h, pid_m * BLOCK_M, start, N, R, offs_d, D,
+                                      HAS_C2P, HAS_P2C, DOT_FP32, BLOCK_M, BLOCK_N) * scale_log2
         m_i, l_i, acc = _fwd_block(q, k, v, bias, valid, P + offs_n, rows, bh, m_i, l_i, acc, scale_log2, seed,
                                    threshold, drop_scale, ATTN_DROPOUT, DOT_FP32)
 
@@ -206,31 +270,32 @@ def prefix_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dq_block(q, do, k, v, bias, lse, delta, col_valid, cols, rows, bh, dq, scale_log2, seed, threshold, drop_scale,
+def _ds_block(q, do, k, v, bias, lse, delta, col_valid, cols, rows, bh, scale_log2, seed, threshold, drop_scale,
               ATTN_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
-    """dq contribution (before the softmax scale) of one tile of columns; ``[BLOCK_M, *]`` orientation."""
+    """Score gradient ``[BLOCK_M, BLOCK_N]`` (of the scaled scores) of one tile of columns."""
     s = _dot(q, tl.trans(k), DOT_FP32) * scale_log2 + bias
     p = tl.where(col_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
     dp = _dot(do, tl.trans(v), DOT_FP32)
     if ATTN_DROPOUT:
         keep = _keep(seed, cols[None, :], rows[:, None], bh, ATTN_STREAM, threshold)
         dp = tl.where(keep, dp * drop_scale, 0.0)
-    ds = p * (dp - delta[:, None])
-    return dq + _dot(ds.to(k.dtype), k, DOT_FP32)
+    return p * (dp - delta[:, None])
 
 
 @triton.jit
 def prefix_attention_bwd_dq_kernel(
-    Q, K, V, PK, PV, TaskIds, Mask, Bias, CuSeqlens, DOut, Lse, Delta, DQ,
+    Q, K, V, PK, PV, TaskIds, Mask, Bias, PosK, PosQ, RelIndex, CuSeqlens, DOut, Lse, Delta, DQ, DPosK,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn,
     stride_dqb, stride_dqh, stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn,
-    H, N, P, D, scale, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
-    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
+    H, N, P, D, R, scale, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
+    HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_C2P: tl.constexpr,
+    HAS_P2C: tl.constexpr, VARLEN: tl.constexpr,
     ATTN_DROPOUT: tl.constexpr, PREFIX_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_M), B*H): dq of one query tile, over the prefix tiles then the sequence tiles."""
+    """Grid (cdiv(N, BLOCK_M), B*H): dq of one query tile, over the prefix tiles then the sequence tiles;
+    with HAS_C2P also the tile's share of the c2p embeddings' gradient (per distance, unscaled, in DPosK)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h, tok0, n, task = _batch_row(bh, H, N, TaskIds, CuSeqlens, HAS_TASKS, VARLEN)
@@ -249,8 +314,9 @@ def prefix_attention_bwd_dq_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         pk, pv, _, _ = _load_prefix_tile(PK, PV, task, h, bh, cols, offs_d, H, P, D, seed, prefix_threshold,
                                          prefix_scale, PREFIX_DROPOUT)
-        dq = _dq_block(q, do, pk, pv, 0.0, lse, delta, cols < P, cols, rows, bh, dq, scale_log2, seed, threshold,
+        ds = _ds_block(q, do, pk, pv, 0.0, lse, delta, cols < P, cols, rows, bh, scale_log2, seed, threshold,
                        drop_scale, ATTN_DROPOUT, DOT_FP32)
+        dq += _dot(ds.to(pk.dtype), pk, DOT_FP32)
     k_base = K + b.to(tl.int64) * stride_kb + tok0 * stride_kn + h * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + tok0 * stride_vn + h * stride_vh
     for start in range(0, n, BLOCK_N):
@@ -260,8 +326,15 @@ def prefix_attention_bwd_dq_kernel(
         valid = _column_valid(Mask, b, offs_n, n, N, HAS_MASK)
         bias = _load_bias(Bias, b, h, rows[:, None], offs_n[None, :], N, stride_bb, stride_bh, stride_bm, stride_bn,
                           HAS_BIAS)
-        dq = _dq_block(q, do, k, v, bias, lse, delta, valid, P + offs_n, rows, bh, dq, scale_log2, seed, threshold,
+        if HAS_C2P or HAS_P2C:
+            bias = bias + _rel_scores(q, k, PosK, PosQ, RelIndex, h, pid_m * BLOCK_M, start, N, R, offs_d, D,
+                                      HAS_C2P, HAS_P2C, DOT_FP32, BLOCK_M, BLOCK_N) * scale_log2
+        ds = _ds_block(q, do, k, v, bias, lse, delta, valid, P + offs_n, rows, bh, scale_log2, seed, threshold,
                        drop_scale, ATTN_DROPOUT, DOT_FP32)
+        dq += _dot(ds.to(k.dtype), k, DOT_FP32)
+        if HAS_C2P:
+            dq += _rel_grad(ds, q, PosK, DPosK, RelIndex, 0, h, pid_m * BLOCK_M - start - (BLOCK_N - 1), N, R,
+                            offs_d, D, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_N, BLOCK_M + BLOCK_N)
 
     dq_ptrs = (DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + (tok0 + rows[:, None]) * stride_dqn
                + offs_d[None, :])
@@ -269,17 +342,20 @@ def prefix_attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, tok0, n, k, v, col_valid, cols, seq_cols,
-               stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
+def _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, PosK, PosQ, RelIndex, DPosQ, b, h, bh, tok0, n, k, v, col_valid, cols,
+               seq_cols, seq0, stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
                stride_bb, stride_bh, stride_bm, stride_bn,
-               N, D, scale_log2, seed, threshold, drop_scale,
-               HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, ATTN_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+               N, D, R, scale_log2, seed, threshold, drop_scale,
+               HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
+               ATTN_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dk (before the softmax scale) and dv of one tile of columns of batch row ``b``, head ``h``, summed
     over all query tiles (the row's ``n`` queries start at token ``tok0``; ``N`` is the lse/bias row
     stride); ``[BLOCK_N, *]`` (transposed) orientation. ``cols`` index the joint columns
     (dropout counters), ``seq_cols`` the sequence (bias; only read with HAS_BIAS). With BIAS_GRAD the
-    score gradient of the tile is the bias gradient and is written to ``DBias``."""
+    score gradient of the tile is the bias gradient and is written to ``DBias``. With HAS_C2P/HAS_P2C the
+    sequence tile starting at column ``seq0`` has the relative terms; with HAS_P2C its share of the p2c
+    embeddings' gradient goes to ``DPosQ`` (per distance, unscaled)."""
     offs_d = tl.arange(0, BLOCK_D)
     q_base = Q + b.to(tl.int64) * stride_qb + tok0 * stride_qn + h * stride_qh
     do_base = DOut + b.to(tl.int64) * stride_gb + tok0 * stride_gn + h * stride_gh
@@ -293,6 +369,10 @@ def _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, tok0, n, k, v, col_va
         delta = tl.load(Delta + bh.to(tl.int64) * N + rows, mask=rows < n, other=0.0)
         bias_t = _load_bias(Bias, b, h, rows[None, :], seq_cols[:, None], N, stride_bb, stride_bh, stride_bm,
                             stride_bn, HAS_BIAS)
+        if HAS_C2P or HAS_P2C:
+            rel = _rel_scores(q, k, PosK, PosQ, RelIndex, h, start, seq0, N, R, offs_d, D, HAS_C2P,
+                              HAS_P2C, DOT_FP32, BLOCK_M, BLOCK_N)
+            bias_t = bias_t + tl.trans(rel) * scale_log2
         s_t = _dot(k, tl.trans(q), DOT_FP32) * scale_log2 + bias_t
         p_t = tl.where(col_valid[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
         dp_t = _dot(v, tl.trans(do), DOT_FP32)
@@ -304,6 +384,9 @@ def _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, tok0, n, k, v, col_va
         dv += _dot(pd_t.to(do.dtype), do, DOT_FP32)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += _dot(ds_t.to(q.dtype), q, DOT_FP32)
+        if HAS_P2C:
+            dk += _rel_grad(ds_t, k, PosQ, DPosQ, RelIndex, 1, h, start - seq0 - (BLOCK_N - 1), N, R,
+                            offs_d, D, DOT_FP32, BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_M + BLOCK_N)
         if BIAS_GRAD:
             ptrs = DBias + (bh.to(tl.int64) * N + rows[None, :]) * N + seq_cols[:, None]
             tl.store(ptrs, ds_t.to(DBias.dtype.element_ty), mask=(rows[None, :] < N) & (seq_cols[:, None] < N))
@@ -312,14 +395,16 @@ def _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, tok0, n, k, v, col_va
 
 @triton.jit
 def prefix_attention_bwd_dkdv_kernel(
-    Q, K, V, PK, PV, TaskIds, Mask, Bias, CuSeqlens, DOut, Lse, Delta, DK, DV, DPK, DPV, DBias,
+    Q, K, V, PK, PV, TaskIds, Mask, Bias, PosK, PosQ, RelIndex, CuSeqlens, DOut, Lse, Delta, DK, DV, DPK, DPV, DBias,
+    DPosQ,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    B, H, N, P, D, scale, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
+    B, H, N, P, D, R, scale, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
     PREFIX_BLOCKS,
     HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
     VARLEN: tl.constexpr, ATTN_DROPOUT: tl.constexpr,
     PREFIX_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -352,11 +437,11 @@ def prefix_attention_bwd_dkdv_kernel(
             b, h, tok0, n, task = _batch_row(bh, H, N, TaskIds, CuSeqlens, HAS_TASKS, VARLEN)
             pk, pv, keep_k, keep_v = _load_prefix_tile(PK, PV, task, h, bh, cols, offs_d, H, P, D, seed,
                                                        prefix_threshold, prefix_scale, PREFIX_DROPOUT)
-            dk, dv = _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, tok0, n, pk, pv, col_valid, cols, cols,
-                                stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
-                                stride_bb, stride_bh, stride_bm, stride_bn,
-                                N, D, scale_log2, seed, threshold, drop_scale,
-                                False, False, ATTN_DROPOUT, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
+            dk, dv = _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, PosK, PosQ, RelIndex, DPosQ, b, h, bh, tok0, n, pk,
+                                pv, col_valid, cols, cols, 0, stride_qb, stride_qh, stride_qn, stride_gb, stride_gh,
+                                stride_gn, stride_bb, stride_bh, stride_bm, stride_bn,
+                                N, D, R, scale_log2, seed, threshold, drop_scale,
+                                False, False, False, False, ATTN_DROPOUT, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
             dk = dk * scale
             if PREFIX_DROPOUT:
                 dk = tl.where(keep_k, dk * prefix_scale, 0.0)
@@ -372,15 +457,16 @@ def prefix_attention_bwd_dkdv_kernel(
     else:
         bh = tl.program_id(1)
         b, h, tok0, n, _ = _batch_row(bh, H, N, TaskIds, CuSeqlens, HAS_TASKS, VARLEN)
-        cols = (pid_n - PREFIX_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols0 = (pid_n - PREFIX_BLOCKS) * BLOCK_N
+        cols = cols0 + tl.arange(0, BLOCK_N)
         k = _load_rows(K + b.to(tl.int64) * stride_kb + tok0 * stride_kn + h * stride_kh, cols, n, stride_kn, offs_d, D)
         v = _load_rows(V + b.to(tl.int64) * stride_vb + tok0 * stride_vn + h * stride_vh, cols, n, stride_vn, offs_d, D)
         valid = _column_valid(Mask, b, cols, n, N, HAS_MASK)
-        dk, dv = _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, b, h, bh, tok0, n, k, v, valid, P + cols, cols,
-                            stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
+        dk, dv = _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, PosK, PosQ, RelIndex, DPosQ, b, h, bh, tok0, n, k, v,
+                            valid, P + cols, cols, cols0, stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
                             stride_bb, stride_bh, stride_bm, stride_bn,
-                            N, D, scale_log2, seed, threshold, drop_scale,
-                            HAS_BIAS, BIAS_GRAD, ATTN_DROPOUT, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
+                            N, D, R, scale_log2, seed, threshold, drop_scale,
+                            HAS_BIAS, BIAS_GRAD, HAS_C2P, HAS_P2C, ATTN_DROPOUT, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
         ok = (cols[:, None] < n) & d_ok
         row = tok0 + cols[:, None]
         tl.store(DK + b.to(tl.int64) * stride_dkb + h * stride_dkh + row * stride_dkn + offs_d[None, :],

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from .common import Dropout, Options
+from .disentangled import DisentangledBias, bias_matrix, check_disentangled
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -229,6 +230,7 @@ def prefix_attention(
     backend: str = "auto",
     deterministic: bool = False,
     attn_bias: Optional[torch.Tensor] = None,
+    disentangled_bias: Optional[DisentangledBias] = None,
 ) -> torch.Tensor:
     """Attention of ``q`` over a learned prefix followed by the sequence, without concatenating them.
 
@@ -251,6 +253,11 @@ def prefix_attention(
         attn_bias: optional ``[B, H, N, N]`` (or broadcastable) bias added to the scaled scores of the
             sequence columns only (prefix columns get none), e.g. DeBERTa's c2p + p2c relative-position
             terms; differentiable.
+        disentangled_bias: DeBERTa's c2p/p2c as a :class:`DisentangledBias` (projected relative embeddings
+            ``[H, R, D]`` and distance-to-row tables), added inside ``scale`` to the sequence columns only.
+            The Triton kernels gather the terms per tile, forward and backward, without a ``[B, H, N, N]``
+            tensor; the torch backend and ``deterministic`` reductions materialise them as an
+            ``attn_bias``. Differentiable in its embeddings.
 
     Returns:
         ``[B, H, N, D]`` in q's dtype (fused backends store it as ``[B, N, H, D]`` underneath).
@@ -264,21 +271,28 @@ def prefix_attention(
     mask = _check_mask(q, key_padding_mask)
     task_ids = _check_task_ids(q, q.shape[0], prefix_k, task_ids)
     bias = _check_bias(q, attn_bias)
+    disentangled = check_disentangled(q, disentangled_bias)
     options = _options(q.shape[-1], scale, dropout_p, prefix_dropout_p, deterministic)
     prefix_k, prefix_v = _bank(prefix_k, prefix_v, backend)
+    if backend == "cuda":
+        if bias is not None or disentangled is not None:
+            raise ValueError("attn_bias and disentangled_bias are not supported by backend='cuda' yet; use "
+                             "backend='triton' or 'torch'")
+        from .cuda_backend import cuda_prefix_attention
+
+        return cuda_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, options)
+    if disentangled is not None and (backend == "torch" or options.deterministic):
+        # the per-distance atomics of the fused gradient are not reproducible: deterministic runs materialise
+        relative = bias_matrix(q, k, disentangled, options.scale)
+        bias, disentangled = relative if bias is None else bias + relative, None
     if backend == "torch":
         from .torch_backend import torch_prefix_attention
 
         return torch_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
-    if backend == "cuda":
-        if bias is not None:
-            raise ValueError("attn_bias is not supported by backend='cuda' yet; use backend='triton' or 'torch'")
-        from .cuda_backend import cuda_prefix_attention
-
-        return cuda_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, options)
     from .triton_backend import triton_prefix_attention
 
-    return triton_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
+    return triton_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options,
+                                   disentangled=disentangled)
 
 
 def prefix_attention_varlen(

@@ -2,7 +2,8 @@
 wraps them in an autograd Function. Inputs arrive validated (``prefix_attention.py``).
 
 q, k, v are either padded ``[B, H, N, D]`` or, with ``cu_seqlens``, packed ``[total_tokens, H, D]``
-(then ``options.max_seqlen`` is N, the longest row)."""
+(then ``options.max_seqlen`` is N, the longest row). DeBERTa's relative terms arrive as ``rel``:
+``(pos_key, pos_query, index)`` of a :class:`~ptv2_kernels.ops.disentangled.DisentangledBias` or None."""
 
 from typing import Optional
 
@@ -35,9 +36,11 @@ def _dropout_args(dropout: Dropout) -> dict:
     )
 
 
-def _tiling(q: torch.Tensor) -> dict:
-    """Tile sizes and the dot precision for this dtype/head_dim. The interpreter gets small tiles so
-    that CI's small shapes still span several tiles."""
+def _tiling(q: torch.Tensor, rel) -> dict:
+    """Tile sizes, warps and the dot precision for this dtype/head_dim. The interpreter gets small tiles
+    so that CI's small shapes still span several tiles. BLOCK_M == BLOCK_N keeps the relative terms'
+    window (BLOCK_M + BLOCK_N distances) a power of two; its ``[BLOCK_M, 2 BLOCK_N]`` float32 products
+    get twice the warps."""
     interp = interpreting()
     block = 32 if interp else 64
     return dict(
@@ -45,6 +48,7 @@ def _tiling(q: torch.Tensor) -> dict:
         BLOCK_N=block,
         BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
         DOT_FP32=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16),
+        num_warps=8 if rel is not None else 4,
     )
 
 
@@ -73,11 +77,17 @@ def _sizes(q, cu_seqlens, options: Options):
     return cu_seqlens.shape[0] - 1, q.shape[1], options.max_seqlen, q.shape[2]
 
 
-def _common_args(q, prefix_k, mask, task_ids, bias, cu_seqlens, options: Options):
+def _common_args(q, prefix_k, mask, task_ids, bias, rel, cu_seqlens, options: Options):
     dummy = q.new_empty(0, dtype=torch.int64)
     batch, heads, seq, dim = _sizes(q, cu_seqlens, options)
     bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
+    pos_key, pos_query, rel_index = rel if rel is not None else (None, None, None)
     return dict(
+        PosK=dummy if pos_key is None else pos_key,
+        PosQ=dummy if pos_query is None else pos_query,
+        RelIndex=dummy if rel_index is None else rel_index,
+        R=0 if rel is None else (pos_key if pos_key is not None else pos_query).shape[1],
+        HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None,
         TaskIds=dummy if task_ids is None else task_ids,
         Mask=dummy if mask is None else mask.view(torch.uint8),
         Bias=dummy if bias is None else bias,
@@ -89,27 +99,47 @@ def _common_args(q, prefix_k, mask, task_ids, bias, cu_seqlens, options: Options
     )
 
 
-def _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, options: Options):
+def _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, rel, cu_seqlens, options: Options):
     batch, heads, seq, _ = _sizes(q, cu_seqlens, options)
     out = _empty_like_qkv(q)
     lse = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)
-    tiling = _tiling(q)
+    tiling = _tiling(q, rel)
     grid = (triton.cdiv(seq, tiling["BLOCK_M"]), batch * heads)
     kernels.prefix_attention_fwd_kernel[grid](
         q, k, v, prefix_k, prefix_v, Out=out, Lse=lse, **_strides(q=q, k=k, v=v, o=out),
-        scale_log2=options.scale * LOG2_E, **_common_args(q, prefix_k, mask, task_ids, bias, cu_seqlens, options),
+        scale_log2=options.scale * LOG2_E,
+        **_common_args(q, prefix_k, mask, task_ids, bias, rel, cu_seqlens, options),
         **_dropout_args(options.dropout), **tiling,
     )
     return out, lse
 
 
-def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, out, lse, options: Options,
+def _distance_grad(rel_emb: Optional[torch.Tensor], heads: int, seq: int, dim: int) -> Optional[torch.Tensor]:
+    """Float32 ``[H, 2N - 1, D]`` per-distance gradient accumulator of a relative embedding (None if absent)."""
+    if rel_emb is None:
+        return None
+    return torch.zeros(heads, 2 * seq - 1, dim, device=rel_emb.device, dtype=torch.float32)
+
+
+def _fold_distances(grad: Optional[torch.Tensor], rel_emb: Optional[torch.Tensor], index: torch.Tensor,
+                    scale: float) -> Optional[torch.Tensor]:
+    """Per-distance gradient ``[H, 2N - 1, D]`` summed into the embedding rows each distance reads, times
+    the score scale, in the embedding's dtype."""
+    if grad is None:
+        return None
+    rows = torch.zeros(rel_emb.shape, device=grad.device, dtype=torch.float32)
+    return rows.index_add_(1, index.long(), grad).mul_(scale).to(rel_emb.dtype)
+
+
+def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, rel, cu_seqlens, out, lse, options: Options,
               bias_grad: bool):
-    """(dq, dk, dv, float32 dprefix_k, float32 dprefix_v, dbias or None)."""
+    """(dq, dk, dv, float32 dprefix_k, float32 dprefix_v, dbias or None, dpos_key or None, dpos_query or None)."""
     batch, heads, seq, dim = _sizes(q, cu_seqlens, options)
     num_prefix = prefix_k.shape[2]
-    tiling = _tiling(q)
-    common = _common_args(q, prefix_k, mask, task_ids, bias, cu_seqlens, options)
+    tiling = _tiling(q, rel)
+    common = _common_args(q, prefix_k, mask, task_ids, bias, rel, cu_seqlens, options)
+    pos_key, pos_query, rel_index = rel if rel is not None else (None, None, None)
+    dist_key, dist_query = (_distance_grad(t, heads, seq, dim) for t in (pos_key, pos_query))
     dropout = _dropout_args(options.dropout)
     scales = dict(scale=options.scale, scale_log2=options.scale * LOG2_E)
 
@@ -119,10 +149,11 @@ def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqle
         out, d_out, delta, CuSeqlens=common["CuSeqlens"], **_strides(o=out, g=d_out), H=heads, N=seq, D=dim,
         VARLEN=common["VARLEN"], BLOCK_M=tiling["BLOCK_M"], BLOCK_D=tiling["BLOCK_D"],
     )
+    dummy = q.new_empty(0, dtype=torch.float32)
     dq = _empty_like_qkv(q)
     kernels.prefix_attention_bwd_dq_kernel[rows_grid](
         q, k, v, prefix_k, prefix_v, DOut=d_out, Lse=lse, Delta=delta, DQ=dq,
-        **_strides(q=q, k=k, v=v, g=d_out, dq=dq), **scales, **common, **dropout, **tiling,
+        DPosK=dummy if dist_key is None else dist_key, **_strides(q=q, k=k, v=v, g=d_out, dq=dq), **scales, **common, **dropout, **tiling,
     )
 
     dk, dv = _empty_like_qkv(k), _empty_like_qkv(v)
@@ -136,6 +167,7 @@ def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqle
         kernels.prefix_attention_bwd_dkdv_kernel[grid](
             q, k, v, prefix_k, prefix_v, DOut=d_out, Lse=lse, Delta=delta, DK=dk, DV=dv, DPK=dpk, DPV=dpv,
             DBias=dpk if dbias is None else dbias, BIAS_GRAD=bias_grad,
+            DPosQ=dummy if dist_query is None else dist_query,
             **_strides(q=q, k=k, v=v, g=d_out, dk=dk, dv=dv), B=batch, PREFIX_BLOCKS=prefix_programs,
             DETERMINISTIC=deterministic, **scales, **common, **dropout, **tiling,
         )
@@ -146,35 +178,46 @@ def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqle
             launch_dkdv((prefix_blocks, heads), prefix_blocks, True)
     else:
         launch_dkdv((prefix_blocks + seq_blocks, batch * heads), prefix_blocks, False)
-    return dq, dk, dv, dpk, dpv, dbias
+    return (dq, dk, dv, dpk, dpv, dbias, _fold_distances(dist_key, pos_key, rel_index[0] if rel else None, options.scale),
+            _fold_distances(dist_query, pos_query, rel_index[1] if rel else None, options.scale))
 
 
 class TritonPrefixAttention(torch.autograd.Function):
     """Inputs: q, k, v ``[B, H, N, D]`` or packed ``[total, H, D]`` (unit last stride); prefix_k,
     prefix_v contiguous ``[T, H, P, D]``; bool mask ``[B, N]`` (contiguous) or None; task_ids ``[B]``
-    or None; attention bias ``[B, H, N, N]`` (any strides) or None; cu_seqlens ``[B + 1]`` (packed
-    rows) or None; :class:`Options`."""
+    or None; attention bias ``[B, H, N, N]`` (any strides) or None; the relative terms' pos_key,
+    pos_query (contiguous ``[H, R, D]`` or None) and index (int32 ``[2, 2N - 1]``, None without them);
+    cu_seqlens ``[B + 1]`` (packed rows) or None; :class:`Options`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, options: Options):
-        out, lse = _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, options)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, out, lse)
+    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index, cu_seqlens,
+                options: Options):
+        rel = None if rel_index is None else (pos_key, pos_query, rel_index)
+        out, lse = _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, rel, cu_seqlens, options)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index,
+                              cu_seqlens, out, lse)
         ctx.options = options
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, out, lse = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index, cu_seqlens, out, lse = (
+            ctx.saved_tensors)
         if d_out.stride(-1) != 1:
             d_out = d_out.contiguous()
-        dq, dk, dv, dpk, dpv, dbias = _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens,
-                                                out, lse, ctx.options, bias_grad=ctx.needs_input_grad[7])
-        return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), None, None, dbias, None, None
+        rel = None if rel_index is None else (pos_key, pos_query, rel_index)
+        dq, dk, dv, dpk, dpv, dbias, dpos_key, dpos_query = _backward(
+            d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, rel, cu_seqlens, out, lse, ctx.options,
+            bias_grad=ctx.needs_input_grad[7])
+        return (dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), None, None, dbias, dpos_key, dpos_query,
+                None, None, None)
 
 
 def triton_prefix_attention(q, k, v, prefix_k, prefix_v, mask: Optional[torch.Tensor],
                             task_ids: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                            options: Options, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            options: Options, cu_seqlens: Optional[torch.Tensor] = None,
+                            disentangled=None) -> torch.Tensor:
     """Validated entry point of the Triton backend (see :func:`ptv2_kernels.prefix_attention` and
-    :func:`ptv2_kernels.prefix_attention_varlen`)."""
-    return TritonPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, options)
+    :func:`ptv2_kernels.prefix_attention_varlen`); ``disentangled`` a checked DisentangledBias or None."""
+    rel = (None, None, None) if disentangled is None else disentangled.tensors
+    return TritonPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, *rel, cu_seqlens, options)

@@ -4,10 +4,13 @@
   ``v_bias``; v2: ``query_proj``/``key_proj``/``value_proj``), then :func:`ptv2_kernels.prefix_attention` over
   the layer's prefix (no bias on the prefix), scale ``1/sqrt(D * (1 + len(pos_att_type)))``, attention dropout
   ``attention_probs_dropout_prob`` in training.
-- The disentangled terms (c2p, p2c) are transformers' own ``disentangled_att_bias`` (v1) /
-  ``disentangled_attention_bias`` (v2) over the N real tokens (relative positions, spans, log buckets,
-  ``share_att_key``, ``pos_dropout`` exactly as without a prefix), passed to the kernel as ``attn_bias``
-  ``[B, H, N, N]`` on the sequence columns; prefix columns get the content score only.
+- The disentangled terms (c2p, p2c) reach the kernel as a :class:`~ptv2_kernels.DisentangledBias`: the layer's
+  projected relative embeddings ``[H, 2·span, D]`` (v1: ``pos_proj``/``pos_q_proj`` over the
+  ``max_relative_positions ± span`` rows, span ``min(N, max_relative_positions)``; v2: ``pos_key_proj``/
+  ``pos_query_proj``, or ``key_proj``/``query_proj`` with ``share_att_key``, over the first ``2·pos_ebd_size``
+  rows) after ``pos_dropout``, and the distance-to-row tables of transformers' relative positions (plain or log
+  buckets), clamped as transformers clamps them. The Triton kernels gather c2p/p2c per tile (no ``[B, H, N, N]``
+  tensor); prefix columns get the content score only.
 - Absolute positions (``position_biased_input=True`` only) shift by P, as the P-Tuning v2 reference's DeBERTa
   models do for ``past_key_values`` of length P: positions ``P … P+N-1``. Explicit ``position_ids`` are used
   as given. Relative positions are not shifted.
@@ -26,6 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops.disentangled import DisentangledBias
 from .base import ModelFamily, PrefixCall, bound_arguments, take_call
 
 SUPPORTED_POS_ATT_TYPES = ("c2p", "p2c")
@@ -38,12 +42,21 @@ class _RelativePositions(torch.Tensor):
 
     __torch_function__ = torch._C._disabled_torch_function_impl
     call: PrefixCall
+    _tables: dict
 
     @staticmethod
     def carry(positions: torch.Tensor, call: PrefixCall) -> "_RelativePositions":
         carrier = positions.as_subclass(_RelativePositions)
         carrier.call = call
+        carrier._tables = {}
         return carrier
+
+    def disentangled(self, span: int, pos_key, pos_query) -> DisentangledBias:
+        """The layer's :class:`DisentangledBias`; the index tables are built once per forward and span."""
+        if span not in self._tables:
+            positions = self.as_subclass(torch.Tensor)
+            self._tables[span] = DisentangledBias.from_relative_positions(positions, span).index
+        return DisentangledBias(pos_key, pos_query, self._tables[span])
 
 
 class _CallRelay:
@@ -120,8 +133,8 @@ def _relayed_forward(relay: _CallRelay, forward, *args, **kwargs):
 def _attention_forward(family: "_DebertaFamily", module: nn.Module, slot: int, hidden_states, attention_mask,
                        output_attentions=False, query_states=None, relative_pos=None, rel_embeddings=None):
     """``DisentangledSelfAttention.forward`` (v1 and v2) with the prefix joined in the kernel and c2p + p2c as
-    its ``attn_bias``. transformers' ``attention_mask`` (``m_i·m_j``) is not used: the call carries the 2D
-    padding mask. Returns ``(context [B, N, H·D], None)``."""
+    its ``disentangled_bias``. transformers' ``attention_mask`` (``m_i·m_j``) is not used: the call carries the
+    2D padding mask. Returns ``(context [B, N, H·D], None)``."""
     if query_states is not None:
         raise ValueError("query_states (DeBERTa's enhanced mask decoding, z_steps > 1) is not supported by a "
                          "patched DeBERTa model")
@@ -131,14 +144,21 @@ def _attention_forward(family: "_DebertaFamily", module: nn.Module, slot: int, h
     call = relative_pos.call
     q, k, v = family.project(module, hidden_states)
     scale_factor = 1 + len(module.pos_att_type)
-    bias = None
-    if module.relative_attention and rel_embeddings is not None:
-        bias = family.relative_bias(module, q, k, relative_pos.as_subclass(torch.Tensor),
-                                    module.pos_dropout(rel_embeddings), scale_factor)
-        bias = bias if isinstance(bias, torch.Tensor) else None  # transformers returns 0 without c2p/p2c
+    disentangled = None
+    if module.relative_attention and rel_embeddings is not None and module.pos_att_type:
+        span, rows = family.relative_rows(module, relative_pos.shape[-1])
+        embeddings = module.pos_dropout(rel_embeddings)[rows]
+        pos_key, pos_query = (None if projection is None else _heads(projection(embeddings), module, q.dtype)
+                              for projection in family.relative_projections(module))
+        disentangled = relative_pos.disentangled(span, pos_key, pos_query)
     out = call.attend(slot, q, k, v, scale=1.0 / math.sqrt(q.shape[-1] * scale_factor),
-                      dropout_p=module.dropout.p if module.training else 0.0, attn_bias=bias)
+                      dropout_p=module.dropout.p if module.training else 0.0, disentangled_bias=disentangled)
     return out.transpose(1, 2).flatten(2), None
+
+
+def _heads(projected: torch.Tensor, module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """Projected relative embeddings ``[R, H·D]`` as ``[H, R, D]`` in the activations' dtype."""
+    return projected.unflatten(-1, (module.num_attention_heads, -1)).transpose(0, 1).to(dtype)
 
 
 class _DebertaFamily(ModelFamily):
@@ -164,9 +184,13 @@ class _DebertaFamily(ModelFamily):
         """``q, k, v`` ``[B, H, N, D]`` with the projections' biases (strided views allowed)."""
 
     @abc.abstractmethod
-    def relative_bias(self, module, q, k, relative_pos, rel_embeddings, scale_factor: int):
-        """c2p + p2c ``[B, H, N, N]`` for the N×N block, already divided by ``sqrt(D * scale_factor)``, computed
-        by transformers' own method (0 if ``pos_att_type`` is empty)."""
+    def relative_rows(self, module: nn.Module, seq_len: int) -> tuple:
+        """``(span, rows)``: transformers' attention span and the slice of ``rel_embeddings`` it projects."""
+
+    @abc.abstractmethod
+    def relative_projections(self, module: nn.Module) -> tuple:
+        """The projections of the relative embeddings for c2p (keys) and p2c (queries); None where the
+        layer's ``pos_att_type`` lacks the term."""
 
 
 class _DebertaV1(_DebertaFamily):
@@ -186,10 +210,13 @@ class _DebertaV1(_DebertaFamily):
         v = v + module.transpose_for_scores(module.v_bias[None, None, :])
         return q, k, v
 
-    def relative_bias(self, module, q, k, relative_pos, rel_embeddings, scale_factor):
-        # transformers v1 scales the query before the content score and before c2p.
-        scaled_q = q / math.sqrt(q.shape[-1] * scale_factor)
-        return module.disentangled_att_bias(scaled_q, k, relative_pos, rel_embeddings, scale_factor)
+    def relative_rows(self, module, seq_len):
+        span = min(seq_len, module.max_relative_positions)
+        return span, slice(module.max_relative_positions - span, module.max_relative_positions + span)
+
+    def relative_projections(self, module):
+        kinds = module.pos_att_type
+        return (module.pos_proj if "c2p" in kinds else None), (module.pos_q_proj if "p2c" in kinds else None)
 
 
 class _DebertaV2(_DebertaFamily):
@@ -209,10 +236,14 @@ class _DebertaV2(_DebertaFamily):
         return tuple(module.transpose_for_scores(projection(hidden_states), heads).unflatten(0, (-1, heads))
                      for projection in (module.query_proj, module.key_proj, module.value_proj))
 
-    def relative_bias(self, module, q, k, relative_pos, rel_embeddings, scale_factor):
-        bias = module.disentangled_attention_bias(q.flatten(0, 1), k.flatten(0, 1), relative_pos, rel_embeddings,
-                                                  scale_factor)
-        return bias.unflatten(0, q.shape[:2]) if isinstance(bias, torch.Tensor) else bias
+    def relative_rows(self, module, seq_len):
+        return module.pos_ebd_size, slice(0, 2 * module.pos_ebd_size)
+
+    def relative_projections(self, module):
+        kinds = module.pos_att_type
+        keys, queries = ((module.key_proj, module.query_proj) if module.share_att_key
+                         else (getattr(module, "pos_key_proj", None), getattr(module, "pos_query_proj", None)))
+        return (keys if "c2p" in kinds else None), (queries if "p2c" in kinds else None)
 
 
 DEBERTA = _DebertaV1()

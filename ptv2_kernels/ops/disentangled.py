@@ -1,0 +1,112 @@
+"""DeBERTa's disentangled relative-position terms (c2p, p2c) as an input of :func:`prefix_attention`.
+
+For query ``i`` and sequence column ``j`` of head ``h`` (prefix columns get nothing), inside the score
+scale::
+
+    score[i, P + j] = scale * (q_i . k_j  +  q_i . pos_key[h, c2p_index[i - j + N - 1]]
+                                          +  k_j . pos_query[h, p2c_index[i - j + N - 1]])
+
+``pos_key``/``pos_query`` are the projected relative embeddings ``[H, R, D]`` (either may be None) and the
+index tables map a distance ``i - j`` to an embedding row. This is transformers' ``disentangled_att_bias``
+(v1) / ``disentangled_attention_bias`` (v2/v3) for relative positions that depend on ``i - j`` only: both
+divide c2p and p2c by the content score's ``sqrt(D * scale_factor)``, so one ``scale`` covers all three.
+The fused Triton kernels gather the terms per tile from these ``[H, R, D]`` tensors (no ``[B, H, N, N]``
+tensor); :func:`bias_matrix` materialises them for the torch backend and deterministic reductions.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class DisentangledBias:
+    """c2p/p2c of one attention call: ``pos_key`` (c2p) and ``pos_query`` (p2c) ``[H, R, D]`` in q's dtype
+    (differentiable), ``index`` int32 ``[2, 2N - 1]``: row 0 maps ``i - j + N - 1`` to a ``pos_key`` row,
+    row 1 to a ``pos_query`` row. Build it with :meth:`from_relative_positions`."""
+
+    pos_key: Optional[torch.Tensor]
+    pos_query: Optional[torch.Tensor]
+    index: torch.Tensor
+
+    @staticmethod
+    def from_relative_positions(relative_pos: torch.Tensor, span: int, pos_key: Optional[torch.Tensor] = None,
+                                pos_query: Optional[torch.Tensor] = None) -> "DisentangledBias":
+        """From transformers' relative positions ``[N, N]`` (or ``[1, N, N]``; ``rel[i, j]`` a function of
+        ``i - j``: plain distances or log buckets) and the attention span: c2p reads row
+        ``clamp(rel[i, j] + span, 0, 2 span - 1)``, p2c row ``clamp(-rel[j, i] + span, 0, 2 span - 1)``,
+        exactly as transformers gathers them."""
+        rel = relative_pos.reshape(relative_pos.shape[-2:]) if relative_pos.dim() == 3 else relative_pos
+        if rel.dim() != 2 or rel.shape[0] != rel.shape[1]:
+            raise ValueError(f"relative_pos must be [N, N] or [1, N, N], got shape {tuple(relative_pos.shape)}")
+        seq = rel.shape[0]
+        # rel_of_distance[d + N - 1] = rel[i, j] for i - j = d: first row (d <= 0) then first column (d >= 0)
+        rel_of_distance = torch.cat([rel[0].flip(0)[:-1], rel[:, 0]]).long()
+        distance = torch.arange(seq, device=rel.device)
+        toeplitz = rel_of_distance[distance[:, None] - distance[None, :] + seq - 1]
+        if not torch.equal(toeplitz, rel.long()):
+            raise ValueError("relative_pos must depend on i - j only (transformers' build_relative_position)")
+        c2p = (rel_of_distance + span).clamp(0, 2 * span - 1)
+        p2c = (span - rel_of_distance.flip(0)).clamp(0, 2 * span - 1)  # -rel[j, i]: distance j - i = -(i - j)
+        return DisentangledBias(pos_key, pos_query, torch.stack([c2p, p2c]).to(torch.int32))
+
+    @property
+    def tensors(self) -> tuple:
+        """``(pos_key, pos_query, index)``, the autograd inputs of the backends."""
+        return self.pos_key, self.pos_query, self.index
+
+
+def check_disentangled(q: torch.Tensor, bias: Optional[DisentangledBias]) -> Optional[DisentangledBias]:
+    """Validate against q ``[B, H, N, D]``; returns it with contiguous embeddings (small) or None."""
+    if bias is None:
+        return None
+    if not isinstance(bias, DisentangledBias):
+        raise TypeError(f"disentangled_bias must be a DisentangledBias or None, got {type(bias).__name__}")
+    _, heads, seq, dim = q.shape
+    index = bias.index
+    if not isinstance(index, torch.Tensor) or index.dtype != torch.int32 or index.shape != (2, 2 * seq - 1):
+        raise ValueError(f"disentangled_bias.index must be an int32 tensor [2, 2N - 1] = [2, {2 * seq - 1}], got "
+                         f"{getattr(index, 'dtype', type(index).__name__)} {tuple(getattr(index, 'shape', ()))}")
+    if index.device != q.device:
+        raise ValueError(f"disentangled_bias.index is on {index.device} but q is on {q.device}")
+    if bias.pos_key is None and bias.pos_query is None:
+        raise ValueError("disentangled_bias needs pos_key (c2p), pos_query (p2c) or both")
+    rows = []
+    for name in ("pos_key", "pos_query"):
+        emb = getattr(bias, name)
+        if emb is None:
+            continue
+        if not isinstance(emb, torch.Tensor):
+            raise TypeError(f"disentangled_bias.{name} must be a torch.Tensor or None, got {type(emb).__name__}")
+        if emb.dim() != 3 or emb.shape[0] != heads or emb.shape[2] != dim or emb.shape[1] == 0:
+            raise ValueError(f"disentangled_bias.{name} must be [H={heads}, R, D={dim}] with R >= 1, got "
+                             f"{tuple(emb.shape)}")
+        if emb.device != q.device or emb.dtype != q.dtype:
+            raise TypeError(f"disentangled_bias.{name} must match q's device and dtype ({q.device}, {q.dtype}), "
+                            f"got {emb.device}, {emb.dtype}")
+        rows.append(emb.shape[1])
+    if len(set(rows)) > 1:
+        raise ValueError(f"disentangled_bias.pos_key and pos_query must have the same number of rows R, got {rows}")
+    low, high = int(index.min()), int(index.max())
+    if low < 0 or high >= rows[0]:
+        raise ValueError(f"disentangled_bias.index must lie in [0, R={rows[0]}), got values in [{low}, {high}]")
+    return DisentangledBias(*(None if t is None else t.contiguous() for t in (bias.pos_key, bias.pos_query)),
+                            index.contiguous())
+
+
+def bias_matrix(q: torch.Tensor, k: torch.Tensor, bias: DisentangledBias, scale: float) -> torch.Tensor:
+    """``scale * (c2p + p2c)`` ``[B, H, N, N]`` for :func:`prefix_attention`'s ``attn_bias`` (differentiable;
+    the torch backend's path and the fused backends' deterministic one)."""
+    seq = q.shape[2]
+    distance = torch.arange(seq, device=q.device)
+    slot = distance[:, None] - distance[None, :] + seq - 1  # [i, j] -> i - j + N - 1
+    index = bias.index.long()
+    out = 0
+    if bias.pos_key is not None:  # c2p[i, j] = (q_i . pos_key)[index0[i - j]]
+        scores = torch.matmul(q, bias.pos_key.transpose(-1, -2))
+        out = out + scores.gather(-1, index[0][slot].expand(*scores.shape[:2], seq, seq))
+    if bias.pos_query is not None:  # p2c[i, j] = (k_j . pos_query)[index1[i - j]]
+        scores = torch.matmul(k, bias.pos_query.transpose(-1, -2))
+        out = out + scores.gather(-1, index[1][slot].T.expand(*scores.shape[:2], seq, seq)).transpose(-1, -2)
+    return out * scale
