@@ -25,6 +25,7 @@ def concat_prefix_attention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     prefix_dropout_p: float = 0.0,
+    attn_bias: Optional[torch.Tensor] = None,
     impl: str = "sdpa",
 ) -> torch.Tensor:
     """Same arguments and result as :func:`ptv2_kernels.prefix_attention`, computed by concatenation.
@@ -32,6 +33,8 @@ def concat_prefix_attention(
     ``impl="sdpa"`` uses ``torch.nn.functional.scaled_dot_product_attention`` with a boolean mask (as
     transformers' ``sdpa`` attention does); ``impl="eager"`` computes scores, softmax and dropout in
     PyTorch (transformers' ``eager`` attention, with -inf rather than a large negative for padding).
+    ``attn_bias`` ``[B, H, N, N]`` (or broadcastable) is padded with zeros over the prefix columns and added to
+    the scaled scores (for sdpa: folded with the padding into one float mask ``[B, H, N, P + N]``).
     Dropout masks come from torch's global generator, so they differ from the fused kernels' masks.
     """
     if impl not in ("sdpa", "eager"):
@@ -51,10 +54,15 @@ def concat_prefix_attention(
     if key_padding_mask is not None:
         visible_prefix = key_padding_mask.new_ones(batch, num_prefix)
         mask = torch.cat([visible_prefix, key_padding_mask], dim=1)[:, None, None, :]
+    bias = None if attn_bias is None else F.pad(attn_bias.expand(batch, heads, seq, seq), (num_prefix, 0))
     if impl == "sdpa":
+        if bias is not None:
+            mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     scale = dim**-0.5 if scale is None else scale
     scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = F.dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype), dropout_p)

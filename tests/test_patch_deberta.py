@@ -255,10 +255,13 @@ def test_prefix_matches_concat_reference_every_head(head):
         check_reference_parity("v1", head, "torch", False)
 
 
-@pytest.mark.parametrize("name,head,train", [("v1", "ForSequenceClassification", True),
-                                             ("v2-share-buckets", "ForMultipleChoice", False)])
-def test_prefix_matches_concat_reference_triton(name, head, train):
-    check_reference_parity(name, head, "triton", train, batch=2, seq=5)
+@pytest.mark.parametrize("name,head,train,seq", [("v1", "ForSequenceClassification", True, 5),
+                                                 ("v2-share-buckets", "ForMultipleChoice", False, 5),
+                                                 ("v1-span4-c2p", "ForTokenClassification", True, 40),
+                                                 ("v2-share-buckets", "Model", True, 37)])
+def test_prefix_matches_concat_reference_triton(name, head, train, seq):
+    """The fused c2p/p2c path; N = 37, 40 spans two tiles of the interpreter's 32 (clamped spans, buckets)."""
+    check_reference_parity(name, head, "triton", train, batch=2, seq=seq)
 
 
 def test_empty_prefix_matches_transformers_triton():
