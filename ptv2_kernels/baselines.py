@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops.common import prefix_rows
+from .ops.disentangled import DisentangledBias, bias_matrix
 
 
 def concat_prefix_attention(
@@ -26,6 +27,7 @@ def concat_prefix_attention(
     dropout_p: float = 0.0,
     prefix_dropout_p: float = 0.0,
     attn_bias: Optional[torch.Tensor] = None,
+    disentangled_bias: Optional[DisentangledBias] = None,
     impl: str = "sdpa",
 ) -> torch.Tensor:
     """Same arguments and result as :func:`ptv2_kernels.prefix_attention`, computed by concatenation.
@@ -34,7 +36,9 @@ def concat_prefix_attention(
     transformers' ``sdpa`` attention does); ``impl="eager"`` computes scores, softmax and dropout in
     PyTorch (transformers' ``eager`` attention, with -inf rather than a large negative for padding).
     ``attn_bias`` ``[B, H, N, N]`` (or broadcastable) is padded with zeros over the prefix columns and added to
-    the scaled scores (for sdpa: folded with the padding into one float mask ``[B, H, N, P + N]``).
+    the scaled scores (for sdpa: folded with the padding into one float mask ``[B, H, N, P + N]``);
+    ``disentangled_bias`` is materialised into it as transformers does (``[B, H, N, 2·span]`` products gathered
+    to ``[B, H, N, N]``).
     Dropout masks come from torch's global generator, so they differ from the fused kernels' masks.
     """
     if impl not in ("sdpa", "eager"):
@@ -54,12 +58,15 @@ def concat_prefix_attention(
     if key_padding_mask is not None:
         visible_prefix = key_padding_mask.new_ones(batch, num_prefix)
         mask = torch.cat([visible_prefix, key_padding_mask], dim=1)[:, None, None, :]
+    scale = dim**-0.5 if scale is None else scale
+    if disentangled_bias is not None:
+        relative = bias_matrix(q, k, disentangled_bias, scale)
+        attn_bias = relative if attn_bias is None else attn_bias + relative
     bias = None if attn_bias is None else F.pad(attn_bias.expand(batch, heads, seq, seq), (num_prefix, 0))
     if impl == "sdpa":
         if bias is not None:
             mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    scale = dim**-0.5 if scale is None else scale
     scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
     if bias is not None:
         scores = scores + bias

@@ -1,5 +1,6 @@
 """A few forward+backward calls of the fused kernels, small enough for compute-sanitizer: odd N,
-P = 0, padding, a bank, dropout, the deterministic reduction, fp16/bf16/fp32, head_dim 24..128.
+P = 0, padding, a bank, dropout, the deterministic reduction, fp16/bf16/fp32, head_dim 24..128, and on
+Triton DeBERTa's c2p/p2c (spans shorter and longer than N).
 
     python scripts/sanitizer_driver.py triton|cuda
 """
@@ -8,7 +9,7 @@ import sys
 
 import torch
 
-from ptv2_kernels import prefix_attention
+from ptv2_kernels import DisentangledBias, prefix_attention
 
 CASES = [
     # batch, heads, seq, prefix, dim, tasks, dtype
@@ -32,5 +33,15 @@ for batch, heads, seq, num_prefix, dim, tasks, dtype in CASES:
         out = prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, task_ids=task_ids, dropout_p=0.1,
                                prefix_dropout_p=0.1, backend=backend, deterministic=deterministic)
         out.sum().backward()
+    if backend == "triton":
+        positions = torch.arange(seq, device="cuda")
+        for span in (4, 2 * seq):
+            pos_key, pos_query = (torch.randn(heads, 2 * span, dim, device="cuda", dtype=dtype, requires_grad=True)
+                                  for _ in range(2))
+            bias = DisentangledBias.from_relative_positions(positions[:, None] - positions[None, :], span, pos_key,
+                                                            pos_query)
+            out = prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, task_ids=task_ids, dropout_p=0.1,
+                                   disentangled_bias=bias, backend=backend)
+            out.sum().backward()
 torch.cuda.synchronize()
 print(f"sanitizer driver ({backend}): all cases ran")

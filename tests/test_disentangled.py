@@ -9,7 +9,6 @@ import torch
 from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
 
 from ptv2_kernels import DisentangledBias, concat_prefix_attention, prefix_attention
-from ptv2_kernels.ops.disentangled import bias_matrix
 
 from .reference import kernel_dropout_masks, reference_attention
 from .test_prefix_attention import BACKENDS, DEVICE, FLOOR, make_inputs, max_abs, run_with_grads
@@ -70,7 +69,7 @@ def check(backend, batch, heads, seq, num_prefix, dim, tasks, padded_rows, rel, 
         pos_key, pos_query = (None if e is None else next(leaves) for e in embeddings)
         bias = DisentangledBias.from_relative_positions(rel.to(DEVICE), span, pos_key, pos_query)
         return concat_prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=mask, task_ids=task_ids,
-                                       scale=scale, attn_bias=bias_matrix(q, k, bias, scale), impl="eager")
+                                       scale=scale, disentangled_bias=bias, impl="eager")
 
     keep = None
     if dropout_p:  # the fused kernels' masks (the contract), fed to the reference

@@ -14,7 +14,7 @@ from .configs import DEFAULT_MODEL, DEFAULT_SIZES, MODEL_CONFIGS, QUICK_SIZES, h
 
 MODES = ("kernel", "train", "serve", "all")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PROVIDERS = (*kernel.PROVIDERS, *model.PROVIDERS)
+PROVIDERS = tuple(dict.fromkeys((*kernel.PROVIDERS, *model.PROVIDERS)))
 
 
 def _positive(text: str) -> int:

@@ -4,7 +4,7 @@ Shapes follow the public Hugging Face configs of each checkpoint; the kernel mod
 count and head size, the model modes build the whole model from ``config`` with random weights."""
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 MODEL_CONFIGS = {
     "bert-base": {"model_type": "bert", "hidden_size": 768, "num_attention_heads": 12, "num_hidden_layers": 12,
@@ -28,6 +28,18 @@ MODEL_CONFIGS = {
                           "conv_kernel_size": 3, "conv_act": "gelu", "type_vocab_size": 0},
 }
 DEFAULT_MODEL = "bert-base"
+
+
+def relative_attention(model: str) -> Optional[Tuple[int, int, int]]:
+    """``(span, bucket_size, max_position)`` of a DeBERTa-v2/v3 config's relative attention (as transformers
+    derives them: span = position_buckets if > 0, else max_relative_positions, else
+    max_position_embeddings), or None for a model without it."""
+    cfg = MODEL_CONFIGS[model]
+    if not cfg.get("relative_attention"):
+        return None
+    max_position = cfg["max_relative_positions"] if cfg["max_relative_positions"] > 0 else cfg["max_position_embeddings"]
+    buckets = cfg.get("position_buckets", -1)
+    return (buckets if buckets > 0 else max_position), buckets, max_position
 
 
 def heads_and_dim(model: str) -> Tuple[int, int]:

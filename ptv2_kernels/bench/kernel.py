@@ -6,6 +6,11 @@ Inputs are seeded random ``[B, H, N, D]`` tensors with a key padding mask (row b
 the same function and its outputs (and gradients) are checked against ``concat-sdpa`` on the very inputs
 it was timed on. Padded query rows are excluded from the check and get a zero output gradient (their
 outputs are never read, SPEC §1).
+
+DeBERTa configs add the disentangled terms: random projected relative embeddings ``[H, 2·span, D]`` for
+c2p and p2c over the config's relative positions (log buckets for v2/v3). Fused providers take them as a
+:class:`~ptv2_kernels.DisentangledBias` (the Triton kernels gather them per tile); the concatenation
+providers materialise c2p + p2c ``[B, H, N, N]`` as transformers does, inside the timed call.
 """
 
 from dataclasses import dataclass
@@ -15,9 +20,10 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .. import concat_prefix_attention, prefix_attention
+from .. import DisentangledBias, concat_prefix_attention, prefix_attention
 from ..ops.prefix_attention import resolve_backend
 from . import measure
+from .configs import relative_attention
 
 FUSED_BACKENDS = {"fused-triton": "triton", "fused-cuda": "cuda", "fused-torch": "torch"}
 CONCAT_IMPLS = {"concat-sdpa": "sdpa", "concat-eager": "eager"}
@@ -41,6 +47,11 @@ class KernelCase:
     dtype: torch.dtype
     device: torch.device
 
+    @property
+    def relative(self):
+        """``(span, bucket_size, max_position)`` of a DeBERTa config, else None."""
+        return relative_attention(self.model)
+
 
 @dataclass
 class Inputs:
@@ -51,10 +62,12 @@ class Inputs:
     prefix_v: torch.Tensor
     mask: torch.Tensor
     grad_out: torch.Tensor
+    disentangled: Optional[DisentangledBias] = None
 
     @property
     def leaves(self):
-        return self.q, self.k, self.v, self.prefix_k, self.prefix_v
+        relative = () if self.disentangled is None else (self.disentangled.pos_key, self.disentangled.pos_query)
+        return (self.q, self.k, self.v, self.prefix_k, self.prefix_v, *relative)
 
 
 def make_inputs(case: KernelCase, requires_grad: bool) -> Inputs:
@@ -72,11 +85,24 @@ def make_inputs(case: KernelCase, requires_grad: bool) -> Inputs:
     mask = (torch.arange(n)[None, :] < lengths[:, None]).to(case.device)
     grad_out = torch.randn((b, h, n, d), generator=gen).to(case.device, case.dtype)
     grad_out = grad_out * mask[:, None, :, None]
-    return Inputs(q, k, v, prefix_k, prefix_v, mask, grad_out)
+    disentangled = None
+    if case.relative is not None:
+        from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
+
+        span, buckets, max_position = case.relative
+        x = torch.empty(1, n, 1)
+        positions = build_relative_position(x, x, bucket_size=buckets, max_position=max_position)
+        pos_key, pos_query = rand(h, 2 * span, d), rand(h, 2 * span, d)
+        disentangled = DisentangledBias.from_relative_positions(positions.to(case.device), span, pos_key, pos_query)
+    return Inputs(q, k, v, prefix_k, prefix_v, mask, grad_out, disentangled)
 
 
-def skip_reason(provider: str, bench: str, device: torch.device) -> Optional[str]:
-    """Why ``provider`` cannot run ``bench`` here (None if it can)."""
+def skip_reason(provider: str, bench: str, device: torch.device, relative: bool = False) -> Optional[str]:
+    """Why ``provider`` cannot run ``bench`` here (None if it can); ``relative``: with DeBERTa's terms."""
+    if relative and provider == "fused-cuda":
+        return "backend='cuda' has no disentangled (c2p/p2c) bias yet"
+    if relative and provider == FLASH:
+        return "flash_attn has no DeBERTa relative-position terms"
     if provider in FUSED_BACKENDS:
         if provider == "fused-triton" and device.type == "cpu":
             return "Triton on CPU runs in the interpreter (a correctness tool, far too slow to time)"
@@ -136,7 +162,8 @@ def make_call(provider: str, x: Inputs, backward: bool):
         attend = partial(concat_prefix_attention, impl=CONCAT_IMPLS[provider])
 
     def forward():
-        return attend(x.q, x.k, x.v, x.prefix_k, x.prefix_v, key_padding_mask=x.mask)
+        return attend(x.q, x.k, x.v, x.prefix_k, x.prefix_v, key_padding_mask=x.mask,
+                      disentangled_bias=x.disentangled)
 
     if not backward:
         return (lambda: forward().detach()), lambda out: (out,)
@@ -192,10 +219,11 @@ def run(model: str, heads: int, dim: int, sizes, dtype, device, providers, progr
     from .report import make_row
 
     selected = [p for p in PROVIDERS if p in providers]
-    skipped = [{"bench": bench, "provider": p, "reason": skip_reason(p, bench, device)}
-               for bench in BENCHES for p in selected if skip_reason(p, bench, device)]
-    runnable = {bench: sorted((p for p in selected if skip_reason(p, bench, device) is None),
-                              key=lambda p: p != REFERENCE) for bench in BENCHES}
+    relative = relative_attention(model) is not None
+    reasons = {(bench, p): skip_reason(p, bench, device, relative) for bench in BENCHES for p in selected}
+    skipped = [{"bench": bench, "provider": p, "reason": reason} for (bench, p), reason in reasons.items() if reason]
+    runnable = {bench: sorted((p for p in selected if reasons[bench, p] is None), key=lambda p: p != REFERENCE)
+                for bench in BENCHES}
     cases = [KernelCase(model, sizes.batch, heads, n, p, dim, dtype, device) for n, p in sizes.cases()]
     progress.extend(len(cases) * sum(map(len, runnable.values())))
     rows = []

@@ -6,16 +6,33 @@ with :func:`ptv2_kernels.patch_model` (``fused-*`` providers) or wrapped by PEFT
 ``serve``: one inference forward; throughput is ``1000·B/ms`` sequences/s. Dropout is off in the
 configs so every provider computes the same function: the fused models get PEFT's prefix values and
 their loss (train) or logits (serve) are checked against PEFT's.
+
+PEFT refuses DeBERTa, so DeBERTa's concatenation reference is ``concat-sdpa``: the same patched model
+with every layer's prefix attention swapped for :func:`ptv2_kernels.concat_prefix_attention` (prefix
+expanded over the batch and concatenated, c2p + p2c materialised as transformers does, SDPA). All DeBERTa
+providers start from one seeded random prefix.
 """
+
+import contextlib
 
 import torch
 
+from .. import concat_prefix_attention
 from . import kernel, measure
 from .configs import MODEL_CONFIGS, heads_and_dim
 
-PROVIDERS = ("peft",)
-REFERENCE = "peft"
+CONCAT = "concat-sdpa"
+PROVIDERS = ("peft", CONCAT)
 QUICK_LAYERS = 2
+
+
+def _is_deberta(model_name: str) -> bool:
+    return MODEL_CONFIGS[model_name]["model_type"].startswith("deberta")
+
+
+def reference_provider(model_name: str) -> str:
+    """The concatenation baseline the model benches check and compare against."""
+    return CONCAT if _is_deberta(model_name) else "peft"
 
 
 def _patch_model():
@@ -30,12 +47,14 @@ def _patch_model():
 def skip_reason(provider: str, model_name: str, device: torch.device):
     """Why ``provider`` cannot run a model bench of ``model_name`` here (None if it can)."""
     if provider == "peft":
-        if MODEL_CONFIGS[model_name]["model_type"].startswith("deberta"):
+        if _is_deberta(model_name):
             return "PEFT 0.21 prefix tuning refuses DeBERTa (no past_key_values support)"
         return None
     if _patch_model() is None:
         return "needs ptv2_kernels.patch_model (SPEC §3), not in this version of the package"
-    return kernel.skip_reason(provider, "kernel-fwd", device)
+    if provider == CONCAT:
+        return None if _is_deberta(model_name) else "PEFT is the concatenation baseline of this model"
+    return kernel.skip_reason(provider, "kernel-fwd", device, relative=_is_deberta(model_name))
 
 
 def build_model(model_name: str, quick: bool, device, dtype):
@@ -49,7 +68,8 @@ def build_model(model_name: str, quick: bool, device, dtype):
     config = AutoConfig.for_model(model_type, **cfg, num_labels=2, hidden_dropout_prob=0.0,
                                   attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+    attention = "eager" if _is_deberta(model_name) else "sdpa"  # transformers' DeBERTa has no sdpa attention
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attention)
     return model.to(device, dtype)
 
 
@@ -83,15 +103,47 @@ def make_batch(config, batch: int, seq: int, device, labels: bool):
 
 
 def prepare(provider: str, model_name: str, prefix_len: int, quick: bool, device, dtype):
-    """The model of ``provider``; fused ones get the prefix PEFT would start from (same seed)."""
+    """The model of ``provider``; patched ones get the prefix PEFT would start from (same seed), or for
+    DeBERTa one seeded random prefix."""
     model = build_model(model_name, quick, device, dtype)
-    reference = _peft(build_model(model_name, quick, device, dtype), prefix_len)
-    if provider == "peft":
-        return reference
-    encoder = _patch_model()(model, prefix_len, backend=kernel.FUSED_BACKENDS[provider])
+    if _is_deberta(model_name):
+        start = None
+    else:
+        reference = _peft(build_model(model_name, quick, device, dtype), prefix_len)
+        if provider == "peft":
+            return reference
+        start = peft_prefix(reference)
+    encoder = _patch_model()(model, prefix_len, backend=kernel.FUSED_BACKENDS.get(provider, "torch"))
+    if start is None:
+        start = torch.randn(encoder.prefix.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        encoder.prefix.copy_(peft_prefix(reference))
+        encoder.prefix.copy_(start)
     return model
+
+
+@contextlib.contextmanager
+def _concatenated_attention():
+    """Within: patched models attend by concatenation (``concat_prefix_attention``, SDPA) instead of the
+    fused op; the ``concat-sdpa`` provider's timed calls run inside."""
+    from ..patching import base
+
+    def attend(q, k, v, prefix_k, prefix_v, *, backend, **kwargs):
+        return concat_prefix_attention(q, k, v, prefix_k, prefix_v, impl="sdpa", **kwargs)
+
+    fused, base.prefix_attention = base.prefix_attention, attend
+    try:
+        yield
+    finally:
+        base.prefix_attention = fused
+
+
+def _concatenating(call):
+    """``call`` run inside :func:`_concatenated_attention`."""
+    def wrapped():
+        with _concatenated_attention():
+            return call()
+
+    return wrapped
 
 
 def make_call(model, mode: str, batch):
@@ -122,10 +174,11 @@ def run(mode, model_name, sizes, dtype, device, providers, progress, quick):
     from .report import make_row
 
     bench = "train-step" if mode == "train" else "serve"
+    reference_name = reference_provider(model_name)
     selected = [p for p in (*kernel.FUSED_BACKENDS, *PROVIDERS) if p in providers]
-    skipped = [{"bench": bench, "provider": p, "reason": skip_reason(p, model_name, device)}
-               for p in selected if skip_reason(p, model_name, device)]
-    runnable = sorted((p for p in selected if not skip_reason(p, model_name, device)), key=lambda p: p != REFERENCE)
+    reasons = {p: skip_reason(p, model_name, device) for p in selected}
+    skipped = [{"bench": bench, "provider": p, "reason": reason} for p, reason in reasons.items() if reason]
+    runnable = sorted((p for p in selected if not reasons[p]), key=lambda p: p != reference_name)
     progress.extend(len(runnable))
     seq, prefix_len = sizes.seq_lens[0], sizes.prefix_lens[0]
     heads, dim = heads_and_dim(model_name)
@@ -134,10 +187,12 @@ def run(mode, model_name, sizes, dtype, device, providers, progress, quick):
         progress.step(f"{bench} {provider} N={seq} P={prefix_len}")
         model = prepare(provider, model_name, prefix_len, quick, device, dtype)
         call = make_call(model, mode, make_batch(model.config, sizes.batch, seq, device, labels=mode == "train"))
+        if provider == CONCAT:
+            call = _concatenating(call)
         first = call().float()  # before any optimizer step: comparable across providers
         ms = measure.time_ms(call, device, sizes.warmup, sizes.repeats)
         _, peak = measure.peak_mb(call, device)
-        if provider == REFERENCE:
+        if provider == reference_name:
             reference = first
         err = None if reference is None else float((first - reference).abs().max()) / max(float(reference.abs().max()), 1e-6)
         rows.append(make_row(bench, provider, model_name, sizes.batch, heads, seq, prefix_len, dim, dtype,

@@ -16,6 +16,7 @@ from ..bench import kernel, measure, model
 from ..bench.configs import MODEL_CONFIGS, heads_and_dim
 from ..bench.report import make_row
 from .engine import PrefixServer, Request
+from .packed import PACKED_MODEL_TYPES
 
 NUM_TASKS = 16
 
@@ -117,7 +118,8 @@ def run(model_name, sizes, dtype, device, providers, progress, quick):
             model_name, prefix_len, quick, device, dtype, b, flat, batch, task_ids)
     if fused:
         backend = kernel.FUSED_BACKENDS[fused[0]]
-        for packed in (False, True):
+        packings = (False, True) if config.model_type in PACKED_MODEL_TYPES else (False,)  # DeBERTa: padded
+        for packed in packings:
             name = f"server-{'packed' if packed else 'padded'}{NUM_TASKS}"
             calls[name] = lambda b=backend, p=packed: _server_call(model_name, prefix_len, quick, device, dtype, b,
                                                                    flat, batch, task_ids, p)
