@@ -5,7 +5,8 @@
 # 2. runs the whole test suite on the GPU (PTV2_TEST_DEVICE=cuda: Triton compiled, bf16/fp16 on tensor
 #    cores, larger shapes, the CUDA backend against float64 and against Triton),
 # 3. runs compute-sanitizer memcheck and racecheck on both fused backends for a few shapes,
-# 4. runs ptv2-bench --mode all (JSON, Markdown, plots if matplotlib is installed).
+# 4. runs ptv2-bench --mode all (JSON, Markdown, plots if matplotlib is installed), and the DeBERTa-v3-base
+#    benchmark of issue 4 (B=32, N=256, P=64, bf16; c2p/p2c in the Triton kernels vs concatenation).
 # Every step runs even if an earlier one failed; logs go to OUT_DIR (default benchmarks/results/gpu) and
 # the exit status is non-zero if any step failed.
 set -uo pipefail
@@ -38,6 +39,8 @@ for backend in triton cuda; do
   done
 done
 step bench python -m ptv2_kernels.bench --mode all --device cuda --out "$out"
+step bench-deberta python -m ptv2_kernels.bench --mode all --device cuda --model deberta-v3-base -B 32 -N 256 \
+  -P 64 --out "$out/deberta-v3-base"
 
 if ((${#failed[@]})); then
   echo "failed steps: ${failed[*]}"

@@ -196,3 +196,15 @@ def test_relative_positions_must_depend_on_the_distance_only():
     rel[1, 2] += 1
     with pytest.raises(ValueError, match="depend on i - j only"):
         DisentangledBias.from_relative_positions(rel, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="large shapes run on a GPU (PTV2_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seq,num_prefix,span,buckets", [(256, 64, 256, 256), (200, 16, 64, -1)],
+                         ids=["v3-base-buckets", "v1-span<N"])
+def test_large_shapes_gpu(dtype, seq, num_prefix, span, buckets):
+    """DeBERTa-v3-base shapes (H = 12, D = 64, 2·256 relative rows) on the compiled Triton kernels."""
+    rel = relative_positions(seq, buckets, 512)
+    check("triton", 4, 12, seq, num_prefix, 64, None, ((1, seq // 3), (3, 1)), rel, span, ("c2p", "p2c"),
+          dtype=dtype, seed=11)
