@@ -183,6 +183,7 @@ def _bias(heads=2, dim=16, seq=5, span=3, dtype=torch.float32):
     (lambda: _bias(dtype=torch.float64), TypeError, "pos_key must match q's device and dtype"),
     (lambda: DisentangledBias(_bias().pos_key, _bias(span=2).pos_query, _bias().index), ValueError, "same number"),
     (lambda: DisentangledBias(_bias().pos_key, None, _bias().index + 5), ValueError, r"must lie in \[0, R=6\)"),
+    (lambda: _bias().with_embeddings(_bias(span=2).pos_key, None), ValueError, "index reaches row 5"),
     (lambda: "c2p", TypeError, "must be a DisentangledBias"),
 ])
 def test_bad_input(make, error, match):

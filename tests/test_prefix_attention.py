@@ -179,6 +179,20 @@ def test_attention_bias_and_its_gradient(backend, batch, heads, seq, num_prefix,
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=2e-5, msg=name)
 
 
+@pytest.mark.parametrize("padded_rows", [((1, 4), (2, 0)), ()], ids=["padded", "unpadded-broadcast"])
+def test_constant_bias_without_its_gradient(padded_rows):
+    """A bias that needs no gradient (the torch backend's CPU flash backward, the bias in its float mask)."""
+    tensors, mask, task_ids, d_out = make_inputs(3, 2, 11, 5, 16, torch.float32, tasks=2, padded_rows=padded_rows,
+                                                 seed=6)
+    bias = torch.randn(3 if padded_rows else 1, 2, 11, 11, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    got = run_with_grads(prefix_attention, tensors, d_out, key_padding_mask=mask, task_ids=task_ids, attn_bias=bias,
+                         backend="torch")
+    ref = run_with_grads(reference_attention, [t.double() for t in tensors], d_out.double(), mask=mask,
+                         task_ids=task_ids, bias=bias.expand(3, 2, 11, 11).double())
+    for name, g, r in zip(["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"], got, ref):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=2e-5, msg=name)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="large shapes run on a GPU (PTV2_TEST_DEVICE=cuda)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

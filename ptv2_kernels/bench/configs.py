@@ -37,7 +37,9 @@ def relative_attention(model: str) -> Optional[Tuple[int, int, int]]:
     cfg = MODEL_CONFIGS[model]
     if not cfg.get("relative_attention"):
         return None
-    max_position = cfg["max_relative_positions"] if cfg["max_relative_positions"] > 0 else cfg["max_position_embeddings"]
+    max_position = cfg["max_relative_positions"]
+    if max_position < 1:
+        max_position = cfg["max_position_embeddings"]
     buckets = cfg.get("position_buckets", -1)
     return (buckets if buckets > 0 else max_position), buckets, max_position
 

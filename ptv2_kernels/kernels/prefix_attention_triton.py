@@ -463,8 +463,8 @@ def prefix_attention_bwd_dkdv_kernel(
         v = _load_rows(V + b.to(tl.int64) * stride_vb + tok0 * stride_vn + h * stride_vh, cols, n, stride_vn, offs_d, D)
         valid = _column_valid(Mask, b, cols, n, N, HAS_MASK)
         dk, dv = _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, PosK, PosQ, RelIndex, DPosQ, b, h, bh, tok0, n, k, v,
-                            valid, P + cols, cols, cols0, stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
-                            stride_bb, stride_bh, stride_bm, stride_bn,
+                            valid, P + cols, cols, cols0, stride_qb, stride_qh, stride_qn, stride_gb, stride_gh,
+                            stride_gn, stride_bb, stride_bh, stride_bm, stride_bn,
                             N, D, R, scale_log2, seed, threshold, drop_scale,
                             HAS_BIAS, BIAS_GRAD, HAS_C2P, HAS_P2C, ATTN_DROPOUT, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
         ok = (cols[:, None] < n) & d_ok

@@ -24,11 +24,14 @@ import torch
 class DisentangledBias:
     """c2p/p2c of one attention call: ``pos_key`` (c2p) and ``pos_query`` (p2c) ``[H, R, D]`` in q's dtype
     (differentiable), ``index`` int32 ``[2, 2N - 1]``: row 0 maps ``i - j + N - 1`` to a ``pos_key`` row,
-    row 1 to a ``pos_query`` row. Build it with :meth:`from_relative_positions`."""
+    row 1 to a ``pos_query`` row. ``rows``: an upper bound of ``index`` known when it was built (then the
+    call checks ``R >= rows`` instead of reading the index back from the device). Build it with
+    :meth:`from_relative_positions`."""
 
     pos_key: Optional[torch.Tensor]
     pos_query: Optional[torch.Tensor]
     index: torch.Tensor
+    rows: Optional[int] = None
 
     @staticmethod
     def from_relative_positions(relative_pos: torch.Tensor, span: int, pos_key: Optional[torch.Tensor] = None,
@@ -49,7 +52,11 @@ class DisentangledBias:
             raise ValueError("relative_pos must depend on i - j only (transformers' build_relative_position)")
         c2p = (rel_of_distance + span).clamp(0, 2 * span - 1)
         p2c = (span - rel_of_distance.flip(0)).clamp(0, 2 * span - 1)  # -rel[j, i]: distance j - i = -(i - j)
-        return DisentangledBias(pos_key, pos_query, torch.stack([c2p, p2c]).to(torch.int32))
+        return DisentangledBias(pos_key, pos_query, torch.stack([c2p, p2c]).to(torch.int32), 2 * span)
+
+    def with_embeddings(self, pos_key: Optional[torch.Tensor], pos_query: Optional[torch.Tensor]) -> "DisentangledBias":
+        """The same index tables over other embeddings (e.g. each layer's)."""
+        return DisentangledBias(pos_key, pos_query, self.index, self.rows)
 
     @property
     def tensors(self) -> tuple:
@@ -88,11 +95,16 @@ def check_disentangled(q: torch.Tensor, bias: Optional[DisentangledBias]) -> Opt
         rows.append(emb.shape[1])
     if len(set(rows)) > 1:
         raise ValueError(f"disentangled_bias.pos_key and pos_query must have the same number of rows R, got {rows}")
-    low, high = int(index.min()), int(index.max())
-    if low < 0 or high >= rows[0]:
-        raise ValueError(f"disentangled_bias.index must lie in [0, R={rows[0]}), got values in [{low}, {high}]")
+    if bias.rows is not None:
+        if rows[0] < bias.rows:
+            raise ValueError(f"disentangled_bias embeddings have R={rows[0]} rows but its index reaches row "
+                             f"{bias.rows - 1} (2·span rows are needed)")
+    else:
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= rows[0]:
+            raise ValueError(f"disentangled_bias.index must lie in [0, R={rows[0]}), got values in [{low}, {high}]")
     return DisentangledBias(*(None if t is None else t.contiguous() for t in (bias.pos_key, bias.pos_query)),
-                            index.contiguous())
+                            index.contiguous(), bias.rows)
 
 
 def bias_matrix(q: torch.Tensor, k: torch.Tensor, bias: DisentangledBias, scale: float) -> torch.Tensor:

@@ -249,7 +249,8 @@ def prefix_attention(
         backend: ``"auto"`` (triton on a GPU, torch on the CPU), ``"triton"`` (on CPU tensors under
             the Triton interpreter), ``"cuda"`` or ``"torch"`` (pure PyTorch, no concatenation).
         deterministic: reduce the prefix gradients over the batch in a fixed order instead of with
-            atomics (also on when ``torch.use_deterministic_algorithms(True)``).
+            atomics (also on when ``torch.use_deterministic_algorithms(True)``); ``disentangled_bias`` is then
+            materialised (its fused gradient uses atomics).
         attn_bias: optional ``[B, H, N, N]`` (or broadcastable) bias added to the scaled scores of the
             sequence columns only (prefix columns get none), e.g. DeBERTa's c2p + p2c relative-position
             terms; differentiable.

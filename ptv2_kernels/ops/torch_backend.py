@@ -134,40 +134,44 @@ def _explicit_backward(d_out, q, k, v, out, prefix: _Prefix, mask, bias, attn_ke
 
 
 # ----- CPU without attention dropout: PyTorch's fused CPU flash attention on each block (the sequence  -----
-# ----- with its padding mask, the prefix broadcast over the batch as a stride-0 view), merged exactly  -----
-# ----- through the row log-sum-exp (cascade attention); nothing of size [B, H, N, P + N] is formed     -----
+# ----- with its padding mask and bias, the prefix broadcast over the batch as a stride-0 view), merged -----
+# ----- exactly through the row log-sum-exp (cascade attention); nothing of size [B, H, N, P + N] is    -----
+# ----- formed. The CPU flash backward returns no bias gradient: a bias that needs one takes the        -----
+# ----- explicit backward.                                                                             -----
 
 _FLASH_CPU = "_scaled_dot_product_flash_attention_for_cpu"
 
 
-def _flash_cpu_available(q: torch.Tensor, bias, options: Options) -> bool:
-    return (q.device.type == "cpu" and options.dropout.p == 0.0 and bias is None
+def _flash_cpu_available(q: torch.Tensor, options: Options) -> bool:
+    return (q.device.type == "cpu" and options.dropout.p == 0.0
             and hasattr(torch.ops.aten, _FLASH_CPU + "_backward"))
 
 
-def _additive_mask(mask, dtype):
+def _additive_mask(mask, bias, dtype):
+    """The sequence block's float mask: the bias plus -inf on padded keys (None if neither)."""
     if mask is None:
-        return None
-    return torch.zeros(mask.shape[0], 1, 1, mask.shape[1], dtype=dtype).masked_fill_(
+        return None if bias is None else bias.to(dtype)
+    padding = torch.zeros(mask.shape[0], 1, 1, mask.shape[1], dtype=dtype).masked_fill_(
         ~mask[:, None, None, :], float("-inf"))
+    return padding if bias is None else padding + bias.to(dtype)
 
 
-def _blocks(q, k, v, prefix: _Prefix, mask):
+def _blocks(q, k, v, prefix: _Prefix, mask, bias):
     """The two key/value blocks as ``(keys, values, additive mask)``: the sequence, and (if P > 0) the
     prefix as ``[B, H, P, D]`` (a stride-0 view of a shared prefix)."""
-    blocks = [(k, v, _additive_mask(mask, q.dtype))]
+    blocks = [(k, v, _additive_mask(mask, bias, q.dtype))]
     if prefix.k.shape[-2] > 0:
         shape = (q.shape[0],) + tuple(prefix.k.shape[-3:])
         blocks.append((prefix.k.expand(shape), prefix.v.expand(shape), None))
     return blocks
 
 
-def _merged_forward(q, k, v, prefix: _Prefix, mask, options: Options):
+def _merged_forward(q, k, v, prefix: _Prefix, mask, bias, options: Options):
     """(out, lse) of the whole row; ``lse = +inf`` marks rows with no visible column (every block's
     weight ``exp(lse_block - lse)`` is then 0, in both passes)."""
     compute = torch.promote_types(q.dtype, torch.float32)
     outs, lses = [], []
-    for keys, values, additive_mask in _blocks(q, k, v, prefix, mask):
+    for keys, values, additive_mask in _blocks(q, k, v, prefix, mask, bias):
         out, lse = getattr(torch.ops.aten, _FLASH_CPU)(q, keys, values, attn_mask=additive_mask, scale=options.scale)
         outs.append(out)
         lses.append(lse.to(compute))
@@ -181,14 +185,14 @@ def _merged_forward(q, k, v, prefix: _Prefix, mask, options: Options):
     return merged, lse
 
 
-def _merged_backward(d_out, q, k, v, out, lse, prefix: _Prefix, mask, options: Options):
+def _merged_backward(d_out, q, k, v, out, lse, prefix: _Prefix, mask, bias, options: Options):
     """Each block's gradients come from the CPU flash backward fed the *whole* row's output and lse
     (its probabilities and rowsum(dO * O) are then those of the joint softmax). The prefix gradients
     arrive per row ``[B, H, P, D]`` and are reduced by the caller."""
     backward = getattr(torch.ops.aten, _FLASH_CPU + "_backward")
     lse = lse.to(torch.promote_types(lse.dtype, torch.float32))
     grads = [backward(d_out, q, keys, values, out, lse, 0.0, False, attn_mask=additive_mask, scale=options.scale)
-             for keys, values, additive_mask in _blocks(q, k, v, prefix, mask)]
+             for keys, values, additive_mask in _blocks(q, k, v, prefix, mask, bias)]
     (dq, dk, dv), prefix_grads = grads[0], grads[1:]
     if not prefix_grads:  # P = 0
         return dq, dk, dv, torch.zeros_like(prefix.k), torch.zeros_like(prefix.v), None
@@ -205,8 +209,8 @@ class TorchPrefixAttention(torch.autograd.Function):
         ctx.options = options
         attn_keep, keep_k, keep_v = _dropout_masks(q, prefix_k.shape[2], options.dropout)
         prefix = _prefix(prefix_k, prefix_v, task_ids, q.shape[0], keep_k, keep_v, options.dropout.prefix_p)
-        if _flash_cpu_available(q, bias, options):
-            out, lse = _merged_forward(q, k, v, prefix, mask, options)
+        if _flash_cpu_available(q, options):
+            out, lse = _merged_forward(q, k, v, prefix, mask, bias, options)
         else:
             qc, kc, vc, pk, pv = _upcast(q, k, v, prefix.k, prefix.v)
             out = _explicit_forward(qc, kc, vc, prefix._replace(k=pk, v=pv), mask, bias, attn_keep, options)
@@ -221,8 +225,8 @@ class TorchPrefixAttention(torch.autograd.Function):
         options = ctx.options
         attn_keep, keep_k, keep_v = _dropout_masks(q, prefix_k.shape[2], options.dropout)
         prefix = _prefix(prefix_k, prefix_v, task_ids, q.shape[0], keep_k, keep_v, options.dropout.prefix_p)
-        if lse is not None:
-            grads = _merged_backward(d_out.to(q.dtype).contiguous(), q, k, v, out, lse, prefix, mask, options)
+        if lse is not None and not ctx.needs_input_grad[7]:
+            grads = _merged_backward(d_out.to(q.dtype).contiguous(), q, k, v, out, lse, prefix, mask, bias, options)
         else:
             qc, kc, vc, pk, pv, d_out, out = _upcast(q, k, v, prefix.k, prefix.v, d_out, out)
             grads = _explicit_backward(d_out, qc, kc, vc, out, prefix._replace(k=pk, v=pv), mask, bias, attn_keep,

@@ -153,7 +153,8 @@ def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, rel, cu_
     dq = _empty_like_qkv(q)
     kernels.prefix_attention_bwd_dq_kernel[rows_grid](
         q, k, v, prefix_k, prefix_v, DOut=d_out, Lse=lse, Delta=delta, DQ=dq,
-        DPosK=dummy if dist_key is None else dist_key, **_strides(q=q, k=k, v=v, g=d_out, dq=dq), **scales, **common, **dropout, **tiling,
+        DPosK=dummy if dist_key is None else dist_key, **_strides(q=q, k=k, v=v, g=d_out, dq=dq), **scales,
+        **common, **dropout, **tiling,
     )
 
     dk, dv = _empty_like_qkv(k), _empty_like_qkv(v)
@@ -178,8 +179,9 @@ def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, rel, cu_
             launch_dkdv((prefix_blocks, heads), prefix_blocks, True)
     else:
         launch_dkdv((prefix_blocks + seq_blocks, batch * heads), prefix_blocks, False)
-    return (dq, dk, dv, dpk, dpv, dbias, _fold_distances(dist_key, pos_key, rel_index[0] if rel else None, options.scale),
-            _fold_distances(dist_query, pos_query, rel_index[1] if rel else None, options.scale))
+    index = (None, None) if rel is None else rel_index
+    return (dq, dk, dv, dpk, dpv, dbias, _fold_distances(dist_key, pos_key, index[0], options.scale),
+            _fold_distances(dist_query, pos_query, index[1], options.scale))
 
 
 class TritonPrefixAttention(torch.autograd.Function):

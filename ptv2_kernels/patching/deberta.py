@@ -54,9 +54,8 @@ class _RelativePositions(torch.Tensor):
     def disentangled(self, span: int, pos_key, pos_query) -> DisentangledBias:
         """The layer's :class:`DisentangledBias`; the index tables are built once per forward and span."""
         if span not in self._tables:
-            positions = self.as_subclass(torch.Tensor)
-            self._tables[span] = DisentangledBias.from_relative_positions(positions, span).index
-        return DisentangledBias(pos_key, pos_query, self._tables[span])
+            self._tables[span] = DisentangledBias.from_relative_positions(self.as_subclass(torch.Tensor), span)
+        return self._tables[span].with_embeddings(pos_key, pos_query)
 
 
 class _CallRelay:
