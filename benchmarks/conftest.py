@@ -1,7 +1,8 @@
 """pytest-benchmark suites of the ``ptv2-bench`` cases (``pytest benchmarks/``; not part of the default
 test run, whose testpaths is ``tests``). ``PTV2_BENCH_DEVICE`` picks the device (default: cuda if
 available, else cpu); shapes are the ``ptv2-bench`` defaults of that device (``--quick`` ones on the CPU
-unless ``PTV2_BENCH_FULL=1``)."""
+unless ``PTV2_BENCH_FULL=1``); ``PTV2_BENCH_MODEL`` picks the embedded config (default bert-base; a DeBERTa
+config adds its c2p/p2c terms)."""
 
 import os
 
@@ -29,5 +30,6 @@ def device() -> torch.device:
 
 @pytest.fixture
 def model_shape():
-    """(model name, H, D) of the default embedded config."""
-    return (DEFAULT_MODEL, *heads_and_dim(DEFAULT_MODEL))
+    """(model name, H, D) of the embedded config ``PTV2_BENCH_MODEL`` (default: the default model)."""
+    model = os.environ.get("PTV2_BENCH_MODEL", DEFAULT_MODEL)
+    return (model, *heads_and_dim(model))

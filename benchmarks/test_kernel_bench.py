@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ptv2_kernels.bench import kernel
+from ptv2_kernels.bench.configs import relative_attention
 
 from conftest import bench_sizes
 
@@ -15,10 +16,10 @@ SIZES = bench_sizes()
 @pytest.mark.parametrize("provider", kernel.PROVIDERS)
 @pytest.mark.parametrize("bench", kernel.BENCHES)
 def test_kernel(benchmark, bench, provider, seq, prefix, device, model_shape):
-    reason = kernel.skip_reason(provider, bench, device)
+    model, heads, dim = model_shape
+    reason = kernel.skip_reason(provider, bench, device, relative=relative_attention(model) is not None)
     if reason:
         pytest.skip(reason)
-    model, heads, dim = model_shape
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     case = kernel.KernelCase(model, SIZES.batch, heads, seq, prefix, dim, dtype, device)
     x = kernel.make_inputs(case, requires_grad=bench == "kernel-fwdbwd")
