@@ -42,31 +42,34 @@ def relative_case(heads, dim, span, terms, dtype, seed):
 
 
 def check(backend, batch, heads, seq, num_prefix, dim, tasks, padded_rows, rel, span, terms, dtype=torch.float32,
-          dropout_p=0.0, deterministic=False, seed=0):
+          dropout_p=0.0, deterministic=False, seed=0, frozen=False):
+    """With ``frozen`` the relative embeddings need no gradient (a frozen backbone): the kernels skip theirs."""
     tensors, mask, task_ids, d_out = make_inputs(batch, heads, seq, num_prefix, dim, dtype, tasks=tasks,
                                                  padded_rows=padded_rows, seed=seed)
     embeddings = relative_case(heads, dim, span, terms, dtype, seed + 1)
     scale = 0.2
-    present = [e for e in embeddings if e is not None]
+    present = [] if frozen else [e for e in embeddings if e is not None]
+
+    def relative(emb, dtype):
+        """(pos_key, pos_query): the differentiable leaves ``emb``, or the frozen embeddings in ``dtype``."""
+        leaves = iter(emb)
+        return [None if e is None else e.to(dtype) if frozen else next(leaves) for e in embeddings]
 
     def fused(q, k, v, prefix_k, prefix_v, *emb):
-        leaves = iter(emb)
-        pos_key, pos_query = (None if e is None else next(leaves) for e in embeddings)
+        pos_key, pos_query = relative(emb, q.dtype)
         bias = DisentangledBias.from_relative_positions(rel.to(DEVICE), span, pos_key, pos_query)
         return prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=mask, task_ids=task_ids, scale=scale,
                                 disentangled_bias=bias, dropout_p=dropout_p, backend=backend,
                                 deterministic=deterministic)
 
     def reference(q, k, v, prefix_k, prefix_v, *emb):
-        leaves = iter(emb)
-        pos_key, pos_query = (None if e is None else next(leaves) for e in embeddings)
+        pos_key, pos_query = relative(emb, q.dtype)
         bias = reference_relative_bias(q, k, pos_key, pos_query, rel, span, scale)
         return reference_attention(q, k, v, prefix_k, prefix_v, mask=mask, task_ids=task_ids, scale=scale, bias=bias,
                                    attn_keep=keep, p=dropout_p)
 
     def baseline(q, k, v, prefix_k, prefix_v, *emb):  # concatenation in the same dtype (the error yardstick)
-        leaves = iter(emb)
-        pos_key, pos_query = (None if e is None else next(leaves) for e in embeddings)
+        pos_key, pos_query = relative(emb, q.dtype)
         bias = DisentangledBias.from_relative_positions(rel.to(DEVICE), span, pos_key, pos_query)
         return concat_prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=mask, task_ids=task_ids,
                                        scale=scale, disentangled_bias=bias, impl="eager")
@@ -81,7 +84,7 @@ def check(backend, batch, heads, seq, num_prefix, dim, tasks, padded_rows, rel, 
     ref = with_grads(reference, [t.double() for t in tensors + present], d_out.double())
     floor = FLOOR[dtype]
     base = with_grads(baseline, tensors + present, d_out) if not dropout_p else None
-    names = NAMES[:6] + [name for name, e in zip(NAMES[6:], embeddings) if e is not None]
+    names = NAMES[:6] + [name for name, e in zip(NAMES[6:], embeddings) if e is not None and not frozen]
     for i, (name, g, r) in enumerate(zip(names, got, ref)):
         assert g.shape == r.shape and g.dtype == dtype, name
         assert torch.isfinite(g).all(), f"{name} has non-finite values"
@@ -124,6 +127,14 @@ def test_matches_reference_fp32(backend, batch, heads, seq, num_prefix, dim, tas
 def test_matches_reference_half(backend, dtype):
     check(backend, 2, 2, 37, 6, 32, 2, ((1, 21),), relative_positions(37, 8, 32), 8, ("c2p", "p2c"), dtype=dtype,
           seed=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_relative_embeddings(backend):
+    """Relative embeddings without gradients (a frozen backbone): q, k, v and prefix gradients still carry the
+    c2p/p2c terms."""
+    check(backend, 2, 2, 41, 6, 16, None, ((0, 29),), relative_positions(41, 8, 32), 8, ("c2p", "p2c"), seed=9,
+          frozen=True)
 
 
 @pytest.mark.parametrize("backend", ["triton"])

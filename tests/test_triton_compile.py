@@ -55,15 +55,18 @@ COMPILE_SCRIPT = textwrap.dedent('''
         compile_kernel(kernels.prefix_attention_fwd_kernel, "fp16", arch, DOT_FP32=False, **packed)
         compile_kernel(kernels.prefix_attention_bwd_preprocess_kernel, "bf16", arch, VARLEN=True, BLOCK_M=64,
                        BLOCK_D=64)
-        compile_kernel(kernels.prefix_attention_bwd_dq_kernel, "bf16", arch, DOT_FP32=False, **everything)
+        compile_kernel(kernels.prefix_attention_bwd_dq_kernel, "bf16", arch, DOT_FP32=False, C2P_GRAD=True,
+                       **everything)
         compile_kernel(kernels.prefix_attention_bwd_dkdv_kernel, "bf16", arch, DOT_FP32=False, DETERMINISTIC=False,
-                       BIAS_GRAD=True, **everything)
+                       BIAS_GRAD=True, P2C_GRAD=True, **everything)
         compile_kernel(kernels.prefix_attention_bwd_dkdv_kernel, "fp16", arch, DOT_FP32=False, DETERMINISTIC=True,
-                       BIAS_GRAD=False, **packed)
-        for fn in (kernels.prefix_attention_fwd_kernel, kernels.prefix_attention_bwd_dq_kernel):
-            compile_kernel(fn, "bf16", arch, DOT_FP32=False, num_warps=8, **deberta)
-        compile_kernel(kernels.prefix_attention_bwd_dkdv_kernel, "bf16", arch, DOT_FP32=False, DETERMINISTIC=False,
-                       BIAS_GRAD=False, num_warps=8, **deberta)
+                       BIAS_GRAD=False, P2C_GRAD=False, **packed)
+        compile_kernel(kernels.prefix_attention_fwd_kernel, "bf16", arch, DOT_FP32=False, num_warps=8, **deberta)
+        for grad in (True, False):  # trained / frozen relative embeddings
+            compile_kernel(kernels.prefix_attention_bwd_dq_kernel, "bf16", arch, DOT_FP32=False, num_warps=8,
+                           C2P_GRAD=grad, **deberta)
+            compile_kernel(kernels.prefix_attention_bwd_dkdv_kernel, "bf16", arch, DOT_FP32=False, DETERMINISTIC=False,
+                           BIAS_GRAD=False, num_warps=8, P2C_GRAD=grad, **deberta)
 ''')
 
 

@@ -145,12 +145,14 @@ def _rel_scores(q, k, PosK, PosQ, RelIndex, h, i0, j0, N, R, offs_d, D,
 
 
 @triton.jit
-def _rel_grad(ds, x, Pos, DPos, RelIndex, TABLE: tl.constexpr, h, dist0, N, R, offs_d, D, DOT_FP32: tl.constexpr,
-              ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+def _rel_grad(ds, x, Pos, DPos, RelIndex, TABLE: tl.constexpr, h, dist0, N, R, offs_d, D, EMB_GRAD: tl.constexpr,
+              DOT_FP32: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_N: tl.constexpr,
+              WINDOW: tl.constexpr):
     """Backward of one relative term of a tile. TABLE 0 (c2p): ``ds`` ``[BLOCK_M, BLOCK_N]`` and ``x = q``;
     TABLE 1 (p2c): ``ds`` transposed ``[BLOCK_N, BLOCK_M]`` and ``x = k``. The score gradient is moved to
-    window slots (``dsw[a, w]``, zero where no score has that slot), its product with ``x`` is added to the
-    per-distance ``DPos`` with atomics, and ``dsw @ embeddings`` (x's gradient, unscaled) is returned."""
+    window slots (``dsw[a, w]``, zero where no score has that slot), with EMB_GRAD its product with ``x`` is
+    added to the per-distance ``DPos`` with atomics, and ``dsw @ embeddings`` (x's gradient, unscaled) is
+    returned."""
     a = tl.arange(0, ROWS)[:, None]
     w = tl.arange(0, WINDOW)[None, :]
     if TABLE == 0:
@@ -160,9 +162,10 @@ def _rel_grad(ds, x, Pos, DPos, RelIndex, TABLE: tl.constexpr, h, dist0, N, R, o
     ok = (col >= 0) & (col < COLS)
     dsw = tl.where(ok, tl.gather(ds, tl.where(ok, col, 0), axis=1), 0.0)
     emb, slots, slot_ok = _window_rows(Pos, RelIndex, TABLE, h, dist0, N, R, offs_d, D, WINDOW)
-    d_emb = _dot(tl.trans(dsw).to(x.dtype), x, DOT_FP32)
-    ptrs = DPos + (h.to(tl.int64) * (2 * N - 1) + slots)[:, None] * D + offs_d[None, :]
-    tl.atomic_add(ptrs, d_emb, mask=slot_ok[:, None] & (offs_d[None, :] < D))
+    if EMB_GRAD:  # off for frozen relative embeddings (prefix tuning of a frozen backbone)
+        d_emb = _dot(tl.trans(dsw).to(x.dtype), x, DOT_FP32)
+        ptrs = DPos + (h.to(tl.int64) * (2 * N - 1) + slots)[:, None] * D + offs_d[None, :]
+        tl.atomic_add(ptrs, d_emb, mask=slot_ok[:, None] & (offs_d[None, :] < D))
     return _dot(dsw.to(emb.dtype), emb, DOT_FP32)
 
 
@@ -290,12 +293,12 @@ def prefix_attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn,
     H, N, P, D, R, scale, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
     HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_C2P: tl.constexpr,
-    HAS_P2C: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_P2C: tl.constexpr, C2P_GRAD: tl.constexpr, VARLEN: tl.constexpr,
     ATTN_DROPOUT: tl.constexpr, PREFIX_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_M), B*H): dq of one query tile, over the prefix tiles then the sequence tiles;
-    with HAS_C2P also the tile's share of the c2p embeddings' gradient (per distance, unscaled, in DPosK)."""
+    with C2P_GRAD also the tile's share of the c2p embeddings' gradient (per distance, unscaled, in DPosK)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h, tok0, n, task = _batch_row(bh, H, N, TaskIds, CuSeqlens, HAS_TASKS, VARLEN)
@@ -334,7 +337,7 @@ def prefix_attention_bwd_dq_kernel(
         dq += _dot(ds.to(k.dtype), k, DOT_FP32)
         if HAS_C2P:
             dq += _rel_grad(ds, q, PosK, DPosK, RelIndex, 0, h, pid_m * BLOCK_M - start - (BLOCK_N - 1), N, R,
-                            offs_d, D, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_N, BLOCK_M + BLOCK_N)
+                            offs_d, D, C2P_GRAD, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_N, BLOCK_M + BLOCK_N)
 
     dq_ptrs = (DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + (tok0 + rows[:, None]) * stride_dqn
                + offs_d[None, :])
@@ -347,14 +350,14 @@ def _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, PosK, PosQ, RelIndex, DPosQ, b,
                stride_bb, stride_bh, stride_bm, stride_bn,
                N, D, R, scale_log2, seed, threshold, drop_scale,
                HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
-               ATTN_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+               P2C_GRAD: tl.constexpr, ATTN_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dk (before the softmax scale) and dv of one tile of columns of batch row ``b``, head ``h``, summed
     over all query tiles (the row's ``n`` queries start at token ``tok0``; ``N`` is the lse/bias row
     stride); ``[BLOCK_N, *]`` (transposed) orientation. ``cols`` index the joint columns
     (dropout counters), ``seq_cols`` the sequence (bias; only read with HAS_BIAS). With BIAS_GRAD the
     score gradient of the tile is the bias gradient and is written to ``DBias``. With HAS_C2P/HAS_P2C the
-    sequence tile starting at column ``seq0`` has the relative terms; with HAS_P2C its share of the p2c
+    sequence tile starting at column ``seq0`` has the relative terms; with P2C_GRAD its share of the p2c
     embeddings' gradient goes to ``DPosQ`` (per distance, unscaled)."""
     offs_d = tl.arange(0, BLOCK_D)
     q_base = Q + b.to(tl.int64) * stride_qb + tok0 * stride_qn + h * stride_qh
@@ -386,7 +389,7 @@ def _dkdv_tile(Q, DOut, Lse, Delta, Bias, DBias, PosK, PosQ, RelIndex, DPosQ, b,
         dk += _dot(ds_t.to(q.dtype), q, DOT_FP32)
         if HAS_P2C:
             dk += _rel_grad(ds_t, k, PosQ, DPosQ, RelIndex, 1, h, start - seq0 - (BLOCK_N - 1), N, R,
-                            offs_d, D, DOT_FP32, BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_M + BLOCK_N)
+                            offs_d, D, P2C_GRAD, DOT_FP32, BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_M + BLOCK_N)
         if BIAS_GRAD:
             ptrs = DBias + (bh.to(tl.int64) * N + rows[None, :]) * N + seq_cols[:, None]
             tl.store(ptrs, ds_t.to(DBias.dtype.element_ty), mask=(rows[None, :] < N) & (seq_cols[:, None] < N))
@@ -404,7 +407,7 @@ def prefix_attention_bwd_dkdv_kernel(
     B, H, N, P, D, R, scale, scale_log2, seed, threshold, drop_scale, prefix_threshold, prefix_scale,
     PREFIX_BLOCKS,
     HAS_MASK: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, P2C_GRAD: tl.constexpr,
     VARLEN: tl.constexpr, ATTN_DROPOUT: tl.constexpr,
     PREFIX_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -441,7 +444,8 @@ def prefix_attention_bwd_dkdv_kernel(
                                 pv, col_valid, cols, cols, 0, stride_qb, stride_qh, stride_qn, stride_gb, stride_gh,
                                 stride_gn, stride_bb, stride_bh, stride_bm, stride_bn,
                                 N, D, R, scale_log2, seed, threshold, drop_scale,
-                                False, False, False, False, ATTN_DROPOUT, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
+                                False, False, False, False, False, ATTN_DROPOUT, DOT_FP32, BLOCK_M, BLOCK_N,
+                                BLOCK_D)
             dk = dk * scale
             if PREFIX_DROPOUT:
                 dk = tl.where(keep_k, dk * prefix_scale, 0.0)
@@ -466,7 +470,8 @@ def prefix_attention_bwd_dkdv_kernel(
                             valid, P + cols, cols, cols0, stride_qb, stride_qh, stride_qn, stride_gb, stride_gh,
                             stride_gn, stride_bb, stride_bh, stride_bm, stride_bn,
                             N, D, R, scale_log2, seed, threshold, drop_scale,
-                            HAS_BIAS, BIAS_GRAD, HAS_C2P, HAS_P2C, ATTN_DROPOUT, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
+                            HAS_BIAS, BIAS_GRAD, HAS_C2P, HAS_P2C, P2C_GRAD, ATTN_DROPOUT, DOT_FP32, BLOCK_M, BLOCK_N,
+                            BLOCK_D)
         ok = (cols[:, None] < n) & d_ok
         row = tok0 + cols[:, None]
         tl.store(DK + b.to(tl.int64) * stride_dkb + h * stride_dkh + row * stride_dkn + offs_d[None, :],

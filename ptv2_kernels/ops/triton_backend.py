@@ -132,14 +132,16 @@ def _fold_distances(grad: Optional[torch.Tensor], rel_emb: Optional[torch.Tensor
 
 
 def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, rel, cu_seqlens, out, lse, options: Options,
-              bias_grad: bool):
-    """(dq, dk, dv, float32 dprefix_k, float32 dprefix_v, dbias or None, dpos_key or None, dpos_query or None)."""
+              bias_grad: bool, emb_grads=(False, False)):
+    """(dq, dk, dv, float32 dprefix_k, float32 dprefix_v, dbias or None, dpos_key or None, dpos_query or None);
+    ``emb_grads``: whether pos_key / pos_query need their gradients."""
     batch, heads, seq, dim = _sizes(q, cu_seqlens, options)
     num_prefix = prefix_k.shape[2]
     tiling = _tiling(q, rel)
     common = _common_args(q, prefix_k, mask, task_ids, bias, rel, cu_seqlens, options)
     pos_key, pos_query, rel_index = rel if rel is not None else (None, None, None)
-    dist_key, dist_query = (_distance_grad(t, heads, seq, dim) for t in (pos_key, pos_query))
+    dist_key, dist_query = (_distance_grad(t if wanted else None, heads, seq, dim)
+                            for t, wanted in zip((pos_key, pos_query), emb_grads))
     dropout = _dropout_args(options.dropout)
     scales = dict(scale=options.scale, scale_log2=options.scale * LOG2_E)
 
@@ -153,7 +155,7 @@ def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, rel, cu_
     dq = _empty_like_qkv(q)
     kernels.prefix_attention_bwd_dq_kernel[rows_grid](
         q, k, v, prefix_k, prefix_v, DOut=d_out, Lse=lse, Delta=delta, DQ=dq,
-        DPosK=dummy if dist_key is None else dist_key, **_strides(q=q, k=k, v=v, g=d_out, dq=dq), **scales,
+        DPosK=dummy if dist_key is None else dist_key, C2P_GRAD=dist_key is not None, **_strides(q=q, k=k, v=v, g=d_out, dq=dq), **scales,
         **common, **dropout, **tiling,
     )
 
@@ -168,7 +170,7 @@ def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, rel, cu_
         kernels.prefix_attention_bwd_dkdv_kernel[grid](
             q, k, v, prefix_k, prefix_v, DOut=d_out, Lse=lse, Delta=delta, DK=dk, DV=dv, DPK=dpk, DPV=dpv,
             DBias=dpk if dbias is None else dbias, BIAS_GRAD=bias_grad,
-            DPosQ=dummy if dist_query is None else dist_query,
+            DPosQ=dummy if dist_query is None else dist_query, P2C_GRAD=dist_query is not None,
             **_strides(q=q, k=k, v=v, g=d_out, dk=dk, dv=dv), B=batch, PREFIX_BLOCKS=prefix_programs,
             DETERMINISTIC=deterministic, **scales, **common, **dropout, **tiling,
         )
@@ -210,7 +212,7 @@ class TritonPrefixAttention(torch.autograd.Function):
         rel = None if rel_index is None else (pos_key, pos_query, rel_index)
         dq, dk, dv, dpk, dpv, dbias, dpos_key, dpos_query = _backward(
             d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, rel, cu_seqlens, out, lse, ctx.options,
-            bias_grad=ctx.needs_input_grad[7])
+            bias_grad=ctx.needs_input_grad[7], emb_grads=ctx.needs_input_grad[8:10])
         return (dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), None, None, dbias, dpos_key, dpos_query,
                 None, None, None)
 
