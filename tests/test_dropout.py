@@ -28,7 +28,8 @@ def torch_backend_masks(seed, batch, heads, seq, num_prefix, dim, p, prefix_p):
 
 
 BACKENDS = {  # (apply(q, k, v, prefix_k, prefix_v, mask, task_ids, options), the masks it must use)
-    "triton": (lambda *t: TritonPrefixAttention.apply(*t[:7], None, None, None, None, None, t[7]), kernel_dropout_masks),
+    "triton": (lambda *t: TritonPrefixAttention.apply(*t[:7], None, None, None, None, None, t[7]),
+               kernel_dropout_masks),
     "torch": (lambda *t: TorchPrefixAttention.apply(*t[:7], None, t[7]), torch_backend_masks),
 }
 

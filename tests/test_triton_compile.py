@@ -18,8 +18,8 @@ COMPILE_SCRIPT = textwrap.dedent('''
 
     FLOAT_ARGS = {"scale", "scale_log2", "drop_scale", "prefix_scale"}
     INT_ARGS = {"B", "H", "N", "P", "D", "R", "PREFIX_BLOCKS"}
-    INDEX_POINTERS = {"TaskIds": "*i64", "Mask": "*u8", "Lse": "*fp32", "Delta": "*fp32", "DPK": "*fp32", "DPV": "*fp32",
-                      "RelIndex": "*i32", "DPosK": "*fp32", "DPosQ": "*fp32"}
+    INDEX_POINTERS = {"TaskIds": "*i64", "Mask": "*u8", "Lse": "*fp32", "Delta": "*fp32", "DPK": "*fp32",
+                      "DPV": "*fp32", "RelIndex": "*i32", "DPosK": "*fp32", "DPosQ": "*fp32"}
 
     def compile_kernel(fn, dtype, arch, num_warps=4, **constexprs):
         signature = {}

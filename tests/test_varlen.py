@@ -68,12 +68,13 @@ def test_packed_dropout_uses_the_padded_masks():
     dropout = Dropout(p=0.3, prefix_p=0.2, seed=99)
     bank = [t.unsqueeze(0) for t in tensors[3:]]
     packed = Options(scale=0.25, dropout=dropout, max_seqlen=21)
-    got = run_with_grads(lambda *t: TritonPrefixAttention.apply(*t, None, None, None, None, None, None, cu_seqlens, packed),
+    no_bias = (None,) * 4  # attn_bias and the disentangled terms
+    got = run_with_grads(lambda *t: TritonPrefixAttention.apply(*t, None, None, *no_bias, cu_seqlens, packed),
                          tensors[:3] + bank, d_out)
     mask = padded(torch.ones(sum(lengths), dtype=torch.bool), row, position, 2, 21).to(DEVICE)
     pad = [padded(t.cpu(), row, position, 2, 21).to(DEVICE) for t in tensors[:3] + [d_out]]
     plain = Options(scale=0.25, dropout=dropout)
-    ref = run_with_grads(lambda *t: TritonPrefixAttention.apply(*t, mask, None, None, None, None, None, None, plain),
+    ref = run_with_grads(lambda *t: TritonPrefixAttention.apply(*t, mask, None, *no_bias, None, plain),
                          pad[:3] + bank, pad[3])
     unpack = (lambda t: t.transpose(1, 2)[row, position])
     for name, g, r in zip(["out", "dq", "dk", "dv"], got[:4], ref[:4]):

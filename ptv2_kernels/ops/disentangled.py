@@ -54,7 +54,8 @@ class DisentangledBias:
         p2c = (span - rel_of_distance.flip(0)).clamp(0, 2 * span - 1)  # -rel[j, i]: distance j - i = -(i - j)
         return DisentangledBias(pos_key, pos_query, torch.stack([c2p, p2c]).to(torch.int32), 2 * span)
 
-    def with_embeddings(self, pos_key: Optional[torch.Tensor], pos_query: Optional[torch.Tensor]) -> "DisentangledBias":
+    def with_embeddings(self, pos_key: Optional[torch.Tensor],
+                        pos_query: Optional[torch.Tensor]) -> "DisentangledBias":
         """The same index tables over other embeddings (e.g. each layer's)."""
         return DisentangledBias(pos_key, pos_query, self.index, self.rows)
 

@@ -155,8 +155,8 @@ def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, rel, cu_
     dq = _empty_like_qkv(q)
     kernels.prefix_attention_bwd_dq_kernel[rows_grid](
         q, k, v, prefix_k, prefix_v, DOut=d_out, Lse=lse, Delta=delta, DQ=dq,
-        DPosK=dummy if dist_key is None else dist_key, C2P_GRAD=dist_key is not None, **_strides(q=q, k=k, v=v, g=d_out, dq=dq), **scales,
-        **common, **dropout, **tiling,
+        DPosK=dummy if dist_key is None else dist_key, C2P_GRAD=dist_key is not None,
+        **_strides(q=q, k=k, v=v, g=d_out, dq=dq), **scales, **common, **dropout, **tiling,
     )
 
     dk, dv = _empty_like_qkv(k), _empty_like_qkv(v)
