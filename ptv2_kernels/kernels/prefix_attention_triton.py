@@ -170,6 +170,23 @@ def _rel_grad(ds, x, Pos, DPos, RelIndex, TABLE: tl.constexpr, h, dist0, N, R, o
 
 
 @triton.jit
+def _sequence_bias(Bias, PosK, PosQ, RelIndex, q, k, b, h, i0, j0, N, R, offs_d, D,
+                   stride_bb, stride_bh, stride_bm, stride_bn, scale_log2,
+                   HAS_BIAS: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, DOT_FP32: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Base-2 score bias ``[BLOCK_M, BLOCK_N]`` of query rows ``i0 + m`` (tile ``q``) and sequence columns
+    ``j0 + n`` (tile ``k``): the attention bias plus the scaled c2p/p2c terms (0 without either)."""
+    rows = i0 + tl.arange(0, BLOCK_M)
+    cols = j0 + tl.arange(0, BLOCK_N)
+    bias = _load_bias(Bias, b, h, rows[:, None], cols[None, :], N, stride_bb, stride_bh, stride_bm, stride_bn,
+                      HAS_BIAS)
+    if HAS_C2P or HAS_P2C:
+        bias = bias + _rel_scores(q, k, PosK, PosQ, RelIndex, h, i0, j0, N, R, offs_d, D, HAS_C2P, HAS_P2C,
+                                  DOT_FP32, BLOCK_M, BLOCK_N) * scale_log2
+    return bias
+
+
+@triton.jit
 def _column_valid(Mask, b, offs_n, n, N, HAS_MASK: tl.constexpr):
     """Which sequence columns ``offs_n`` of batch row ``b`` (length ``n``, mask row stride ``N``) are
     real: in range and not padding."""
@@ -236,11 +253,9 @@ def prefix_attention_fwd_kernel(
         k = _load_rows(k_base, offs_n, n, stride_kn, offs_d, D)
         v = _load_rows(v_base, offs_n, n, stride_vn, offs_d, D)
         valid = _column_valid(Mask, b, offs_n, n, N, HAS_MASK)
-        bias = _load_bias(Bias, b, h, rows[:, None], offs_n[None, :], N, stride_bb, stride_bh, stride_bm, stride_bn,
-                          HAS_BIAS)
-        if HAS_C2P or HAS_P2C:
-            bias = bias + _rel_scores(q, k, PosK, PosQ, RelIndex, h, pid_m * BLOCK_M, start, N, R, offs_d, D,
-                                      HAS_C2P, HAS_P2C, DOT_FP32, BLOCK_M, BLOCK_N) * scale_log2
+        bias = _sequence_bias(Bias, PosK, PosQ, RelIndex, q, k, b, h, pid_m * BLOCK_M, start, N, R, offs_d, D,
+                              stride_bb, stride_bh, stride_bm, stride_bn, scale_log2,
+                              HAS_BIAS, HAS_C2P, HAS_P2C, DOT_FP32, BLOCK_M, BLOCK_N)
         m_i, l_i, acc = _fwd_block(q, k, v, bias, valid, P + offs_n, rows, bh, m_i, l_i, acc, scale_log2, seed,
                                    threshold, drop_scale, ATTN_DROPOUT, DOT_FP32)
 
@@ -327,11 +342,9 @@ def prefix_attention_bwd_dq_kernel(
         k = _load_rows(k_base, offs_n, n, stride_kn, offs_d, D)
         v = _load_rows(v_base, offs_n, n, stride_vn, offs_d, D)
         valid = _column_valid(Mask, b, offs_n, n, N, HAS_MASK)
-        bias = _load_bias(Bias, b, h, rows[:, None], offs_n[None, :], N, stride_bb, stride_bh, stride_bm, stride_bn,
-                          HAS_BIAS)
-        if HAS_C2P or HAS_P2C:
-            bias = bias + _rel_scores(q, k, PosK, PosQ, RelIndex, h, pid_m * BLOCK_M, start, N, R, offs_d, D,
-                                      HAS_C2P, HAS_P2C, DOT_FP32, BLOCK_M, BLOCK_N) * scale_log2
+        bias = _sequence_bias(Bias, PosK, PosQ, RelIndex, q, k, b, h, pid_m * BLOCK_M, start, N, R, offs_d, D,
+                              stride_bb, stride_bh, stride_bm, stride_bn, scale_log2,
+                              HAS_BIAS, HAS_C2P, HAS_P2C, DOT_FP32, BLOCK_M, BLOCK_N)
         ds = _ds_block(q, do, k, v, bias, lse, delta, valid, P + offs_n, rows, bh, scale_log2, seed, threshold,
                        drop_scale, ATTN_DROPOUT, DOT_FP32)
         dq += _dot(ds.to(k.dtype), k, DOT_FP32)
