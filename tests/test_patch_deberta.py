@@ -23,7 +23,8 @@ import transformers
 from ptv2_kernels import load_prefix, patch_model, save_prefix, unpatch_model
 from ptv2_kernels.patching import base as patching_base
 
-from .test_patch_bert import assert_bank_rows_match_single_task_models, real_outputs, weighted_sum
+from .test_patch_bert import (assert_bank_rows_match_single_task_models, assert_unpatch_is_bit_identical,
+                              real_outputs, weighted_sum)
 
 PREFIX_LEN = 3
 SEQ_LEN = 7
@@ -404,19 +405,8 @@ def test_gradient_checkpointing():
 
 def test_unpatch_is_bit_identical():
     model = tiny_model("v2-share-buckets", "ForMaskedLM")
-    never = copy.deepcopy(model)
-    flags = [p.requires_grad for p in model.parameters()]
-    patch_model(model, PREFIX_LEN, layers=[0])
-    inputs = random_inputs(model)
-    model(**inputs)
-    unpatch_model(model)
-    assert not hasattr(model, "prefix_encoder") and "forward" not in model.base_model.__dict__
-    assert [p.requires_grad for p in model.parameters()] == flags
-    for train in (False, True):
-        model.train(train)
-        never.train(train)
-        inputs = random_inputs(model)
-        assert torch.equal(model(**inputs).logits, never(**inputs).logits)
+    assert_unpatch_is_bit_identical(model, random_inputs)
+    assert "forward" not in model.base_model.__dict__
 
 
 def test_bfloat16_model():
