@@ -11,6 +11,7 @@
 
 import functools
 
+import torch
 from torch import nn
 
 from .base import ModelFamily, bound_arguments, take_call
@@ -29,25 +30,38 @@ def _self_attention_forward(module: nn.Module, slot: int, hidden_states, attenti
     return out.transpose(1, 2).reshape(*input_shape, -1), None
 
 
-def _position_hook(prefix_len: int, first_position: int, max_positions: int):
-    """Embeddings pre-hook: check ``first_position + P + N <= max_position_embeddings`` (before any kernel
-    runs) and shift positions by P through ``past_key_values_length``."""
+def _position_hook(prefix_len: int, first_position: int, max_positions: int, padding_idx):
+    """Embeddings pre-hook: when no ``position_ids`` are given, pass them explicitly (the public argument),
+    shifted by P as transformers shifts them for a cache of length P: BERT ``P … P+N-1``; RoBERTa
+    (``padding_idx`` set) ``padding_idx + P + cumsum`` on non-pad tokens and ``padding_idx`` on pads, and for
+    ``inputs_embeds`` ``padding_idx + 1 …`` unshifted (transformers cannot tell pads there and does not shift).
+    Checks ``first_position + P + N <= max_position_embeddings`` before any kernel runs."""
+    return functools.partial(_shift_positions, prefix_len, first_position, max_positions, padding_idx)
 
-    def hook(embeddings, args, kwargs):
-        bound = bound_arguments(embeddings, args, kwargs)
-        arguments = bound.arguments
-        if arguments.get("position_ids") is None:
-            inputs = arguments.get("input_ids")
-            length = (inputs if inputs is not None else arguments["inputs_embeds"]).shape[1]
-            if first_position + prefix_len + length > max_positions:
-                raise ValueError(
-                    f"sequence length N={length} with prefix_len P={prefix_len} needs position ids up to "
-                    f"{first_position + prefix_len + length - 1}, but max_position_embeddings is {max_positions}: "
-                    f"use N <= {max_positions - first_position - prefix_len}")
-        arguments["past_key_values_length"] = arguments.get("past_key_values_length", 0) + prefix_len
-        return bound.args, bound.kwargs
 
-    return hook
+def _shift_positions(prefix_len, first_position, max_positions, padding_idx, embeddings, args, kwargs):
+    bound = bound_arguments(embeddings, args, kwargs)
+    arguments = bound.arguments
+    if arguments.get("position_ids") is not None:
+        return None
+    inputs = arguments.get("input_ids")
+    embeds = arguments.get("inputs_embeds")
+    length = (inputs if inputs is not None else embeds).shape[1]
+    if first_position + prefix_len + length > max_positions:
+        raise ValueError(
+            f"sequence length N={length} with prefix_len P={prefix_len} needs position ids up to "
+            f"{first_position + prefix_len + length - 1}, but max_position_embeddings is {max_positions}: "
+            f"use N <= {max_positions - first_position - prefix_len}")
+    device = (inputs if inputs is not None else embeds).device
+    if padding_idx is None:
+        positions = torch.arange(prefix_len, prefix_len + length, device=device)[None, :]
+    elif inputs is not None:
+        real = inputs.ne(padding_idx).long()
+        positions = (real.cumsum(1) + prefix_len) * real + padding_idx
+    else:
+        positions = torch.arange(padding_idx + 1, padding_idx + 1 + length, device=device)[None, :]
+    arguments["position_ids"] = positions.expand(*(inputs if inputs is not None else embeds).shape[:2])
+    return bound.args, bound.kwargs
 
 
 class _BertLike(ModelFamily):
@@ -72,7 +86,8 @@ class _BertLike(ModelFamily):
     def input_hooks(self, base_model: nn.Module, prefix_len: int) -> list:
         embeddings = base_model.embeddings
         first_position = embeddings.padding_idx + 1 if self._positions_after_padding_idx else 0
-        hook = _position_hook(prefix_len, first_position, embeddings.position_embeddings.num_embeddings)
+        padding_idx = embeddings.padding_idx if self._positions_after_padding_idx else None
+        hook = _position_hook(prefix_len, first_position, embeddings.position_embeddings.num_embeddings, padding_idx)
         return [embeddings.register_forward_pre_hook(hook, with_kwargs=True)]
 
 
