@@ -18,8 +18,8 @@ def _mul_hi_lo(const: int, x: torch.Tensor):
     return hi, lo
 
 
-def philox_word0(seed: int, c0, c1, c2, c3) -> torch.Tensor:
-    """First output word of Philox4x32-10 with key ``(seed lo, seed hi)`` and counters ``c0..c3``."""
+def philox(seed: int, c0, c1, c2, c3) -> tuple:
+    """The four output words of Philox4x32-10 with key ``(seed lo, seed hi)`` and counters ``c0..c3``."""
     c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3)))
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(10):
@@ -27,7 +27,12 @@ def philox_word0(seed: int, c0, c1, c2, c3) -> torch.Tensor:
         hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_word0(seed: int, c0, c1, c2, c3) -> torch.Tensor:
+    """First output word of Philox4x32-10 with key ``(seed lo, seed hi)`` and counters ``c0..c3``."""
+    return philox(seed, c0, c1, c2, c3)[0]
 
 
 def keep_mask(seed: int, p: float, c0, c1, c2, stream: int) -> torch.Tensor:
@@ -70,3 +75,31 @@ def reference_attention(q, k, v, prefix_k, prefix_v, mask=None, task_ids=None, s
     if attn_keep is not None:
         probs = probs * attn_keep.to(q.device) / (1 - p)
     return probs @ values
+
+
+# ----- RNG contract v2 (every backend): all four Philox outputs are used ---------------------------------------
+# Element x of a row of consecutive elements (attention column c, or prefix element d) comes from the
+# counter whose first word is x >> 2, output word x & 3. Keep iff (word >> 8) >= round(p * 2**24).
+
+
+def keep_mask_v2(seed: int, p: float, x, c1, c2, stream: int) -> torch.Tensor:
+    """Contract v2: element ``x`` reads output word ``x & 3`` of the Philox call with counter
+    ``(x >> 2, c1, c2, stream)``; keep iff ``(word >> 8) >= round(p * 2**24)``."""
+    x = torch.as_tensor(x, dtype=torch.int64)
+    words = torch.stack(torch.broadcast_tensors(*philox(seed, x >> 2, c1, c2, stream)), -1)
+    word = words.gather(-1, torch.broadcast_to(x & 3, words.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    return (word >> 8) >= round(p * (1 << 24))
+
+
+def dropout_masks_v2(seed, batch, heads, seq, num_prefix, dim, p, prefix_p):
+    """Contract v2 masks: attention ``[B, H, N, P + N]`` (element (b, h, i, c): counter (c >> 2, i, b*H+h, 0),
+    word c & 3) and prefix key/value ``[B, H, P, D]`` (element (b, h, j, d): counter (d >> 2, j, b*H+h, 1 for
+    keys or 2 for values), word d & 3); None where the rate is 0."""
+    bh = torch.arange(batch * heads).view(batch, heads, 1, 1)
+    attn = keep_mask_v2(seed, p, torch.arange(num_prefix + seq).view(1, 1, 1, -1),
+                        torch.arange(seq).view(1, 1, -1, 1), bh, 0) if p > 0 else None
+    if prefix_p == 0:
+        return attn, None, None
+    d = torch.arange(dim).view(1, 1, 1, -1)
+    j = torch.arange(num_prefix).view(1, 1, -1, 1)
+    return attn, keep_mask_v2(seed, prefix_p, d, j, bh, 1), keep_mask_v2(seed, prefix_p, d, j, bh, 2)
