@@ -12,6 +12,9 @@ import torch.nn.functional as F
 
 from .ops.common import prefix_rows
 from .ops.disentangled import DisentangledBias, bias_matrix
+from .ops.validation import TORCH_DTYPES, Support, check_padded_call, check_qkv
+
+SUPPORT = Support(TORCH_DTYPES, None, "concat_prefix_attention")
 
 
 def concat_prefix_attention(
@@ -40,12 +43,18 @@ def concat_prefix_attention(
     ``disentangled_bias`` is materialised into it as transformers does (``[B, H, N, 2·span]`` products gathered
     to ``[B, H, N, N]``).
     Dropout masks come from torch's global generator, so they differ from the fused kernels' masks.
+    Arguments are validated by the op's own checks (:mod:`ptv2_kernels.ops.validation`, with the torch
+    backend's dtypes), so both accept and refuse the same inputs with the same errors.
     """
     if impl not in ("sdpa", "eager"):
         raise ValueError(f"impl must be 'sdpa' or 'eager', got {impl!r}")
+    check_qkv(q, k, v)
+    call = check_padded_call(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, task_ids=task_ids,
+                             attn_bias=attn_bias, disentangled_bias=disentangled_bias, scale=scale,
+                             dropout_p=dropout_p, prefix_dropout_p=prefix_dropout_p, support=SUPPORT)
+    prefix_k, prefix_v, key_padding_mask, task_ids = call.prefix_k, call.prefix_v, call.mask, call.task_ids
+    attn_bias, disentangled_bias, scale = call.bias, call.disentangled, call.scale
     batch, heads, seq, dim = q.shape
-    if prefix_k.dim() == 3:
-        prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
     num_prefix = prefix_k.shape[2]
     pk = prefix_rows(prefix_k, task_ids).expand(batch, heads, num_prefix, dim)
     pv = prefix_rows(prefix_v, task_ids).expand(batch, heads, num_prefix, dim)
@@ -58,11 +67,10 @@ def concat_prefix_attention(
     if key_padding_mask is not None:
         visible_prefix = key_padding_mask.new_ones(batch, num_prefix)
         mask = torch.cat([visible_prefix, key_padding_mask], dim=1)[:, None, None, :]
-    scale = dim**-0.5 if scale is None else scale
     if disentangled_bias is not None:
         relative = bias_matrix(q, k, disentangled_bias, scale)
         attn_bias = relative if attn_bias is None else attn_bias + relative
-    bias = None if attn_bias is None else F.pad(attn_bias.expand(batch, heads, seq, seq), (num_prefix, 0))
+    bias = None if attn_bias is None else F.pad(attn_bias, (num_prefix, 0))
     if impl == "sdpa":
         if bias is not None:
             mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))

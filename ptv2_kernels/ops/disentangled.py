@@ -12,6 +12,7 @@ index tables map a distance ``i - j`` to an embedding row. This is transformers'
 divide c2p and p2c by the content score's ``sqrt(D * scale_factor)``, so one ``scale`` covers all three.
 The fused Triton kernels gather the terms per tile from these ``[H, R, D]`` tensors (no ``[B, H, N, N]``
 tensor); :func:`bias_matrix` materialises them for the torch backend and deterministic reductions.
+The checks against q live with the op's others (``ops/validation.py: check_disentangled``).
 """
 
 from dataclasses import dataclass
@@ -39,10 +40,20 @@ class DisentangledBias:
         """From transformers' relative positions ``[N, N]`` (or ``[1, N, N]``; ``rel[i, j]`` a function of
         ``i - j``: plain distances or log buckets) and the attention span: c2p reads row
         ``clamp(rel[i, j] + span, 0, 2 span - 1)``, p2c row ``clamp(-rel[j, i] + span, 0, 2 span - 1)``,
-        exactly as transformers gathers them."""
-        rel = relative_pos.reshape(relative_pos.shape[-2:]) if relative_pos.dim() == 3 else relative_pos
-        if rel.dim() != 2 or rel.shape[0] != rel.shape[1]:
-            raise ValueError(f"relative_pos must be [N, N] or [1, N, N], got shape {tuple(relative_pos.shape)}")
+        exactly as transformers gathers them. The embeddings are checked against q when the op is
+        called (``ptv2_kernels.ops.validation.check_disentangled``)."""
+        if not isinstance(relative_pos, torch.Tensor):
+            raise TypeError(f"relative_pos must be a torch.Tensor, got {type(relative_pos).__name__}")
+        if relative_pos.is_floating_point() or relative_pos.is_complex() or relative_pos.dtype == torch.bool:
+            raise TypeError(f"relative_pos must be an integer tensor, got dtype {relative_pos.dtype}")
+        if not isinstance(span, int) or isinstance(span, bool):
+            raise TypeError(f"span must be an int, got {type(span).__name__}")
+        if span < 1:
+            raise ValueError(f"span must be >= 1, got {span}")
+        shape = tuple(relative_pos.shape)
+        if len(shape) not in (2, 3) or shape[-1] != shape[-2] or shape[-1] == 0 or (len(shape) == 3 and shape[0] != 1):
+            raise ValueError(f"relative_pos must be [N, N] or [1, N, N] with N >= 1, got shape {shape}")
+        rel = relative_pos.reshape(shape[-2:])
         seq = rel.shape[0]
         # rel_of_distance[d + N - 1] = rel[i, j] for i - j = d: first row (d <= 0) then first column (d >= 0)
         rel_of_distance = torch.cat([rel[0].flip(0)[:-1], rel[:, 0]]).long()
@@ -63,49 +74,6 @@ class DisentangledBias:
     def tensors(self) -> tuple:
         """``(pos_key, pos_query, index)``, the autograd inputs of the backends."""
         return self.pos_key, self.pos_query, self.index
-
-
-def check_disentangled(q: torch.Tensor, bias: Optional[DisentangledBias]) -> Optional[DisentangledBias]:
-    """Validate against q ``[B, H, N, D]``; returns it with contiguous embeddings (small) or None."""
-    if bias is None:
-        return None
-    if not isinstance(bias, DisentangledBias):
-        raise TypeError(f"disentangled_bias must be a DisentangledBias or None, got {type(bias).__name__}")
-    _, heads, seq, dim = q.shape
-    index = bias.index
-    if not isinstance(index, torch.Tensor) or index.dtype != torch.int32 or index.shape != (2, 2 * seq - 1):
-        raise ValueError(f"disentangled_bias.index must be an int32 tensor [2, 2N - 1] = [2, {2 * seq - 1}], got "
-                         f"{getattr(index, 'dtype', type(index).__name__)} {tuple(getattr(index, 'shape', ()))}")
-    if index.device != q.device:
-        raise ValueError(f"disentangled_bias.index is on {index.device} but q is on {q.device}")
-    if bias.pos_key is None and bias.pos_query is None:
-        raise ValueError("disentangled_bias needs pos_key (c2p), pos_query (p2c) or both")
-    rows = []
-    for name in ("pos_key", "pos_query"):
-        emb = getattr(bias, name)
-        if emb is None:
-            continue
-        if not isinstance(emb, torch.Tensor):
-            raise TypeError(f"disentangled_bias.{name} must be a torch.Tensor or None, got {type(emb).__name__}")
-        if emb.dim() != 3 or emb.shape[0] != heads or emb.shape[2] != dim or emb.shape[1] == 0:
-            raise ValueError(f"disentangled_bias.{name} must be [H={heads}, R, D={dim}] with R >= 1, got "
-                             f"{tuple(emb.shape)}")
-        if emb.device != q.device or emb.dtype != q.dtype:
-            raise TypeError(f"disentangled_bias.{name} must match q's device and dtype ({q.device}, {q.dtype}), "
-                            f"got {emb.device}, {emb.dtype}")
-        rows.append(emb.shape[1])
-    if len(set(rows)) > 1:
-        raise ValueError(f"disentangled_bias.pos_key and pos_query must have the same number of rows R, got {rows}")
-    if bias.rows is not None:
-        if rows[0] < bias.rows:
-            raise ValueError(f"disentangled_bias embeddings have R={rows[0]} rows but its index reaches row "
-                             f"{bias.rows - 1} (2·span rows are needed)")
-    else:
-        low, high = int(index.min()), int(index.max())
-        if low < 0 or high >= rows[0]:
-            raise ValueError(f"disentangled_bias.index must lie in [0, R={rows[0]}), got values in [{low}, {high}]")
-    return DisentangledBias(*(None if t is None else t.contiguous() for t in (bias.pos_key, bias.pos_query)),
-                            index.contiguous(), bias.rows)
 
 
 def bias_matrix(q: torch.Tensor, k: torch.Tensor, bias: DisentangledBias, scale: float) -> torch.Tensor:
