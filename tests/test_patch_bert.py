@@ -78,9 +78,10 @@ def real_outputs(output, attention_mask):
 
 
 def weighted_sum(values, seed=123):
-    """A scalar loss touching every output element with fixed random weights."""
+    """A scalar loss touching every output element with fixed random weights (drawn in float32, so outputs in any
+    dtype get the same weights)."""
     generator = torch.Generator().manual_seed(seed)
-    return sum((v * torch.randn(v.shape, generator=generator, dtype=v.dtype)).sum() for v in values)
+    return sum((v * torch.randn(v.shape, generator=generator).to(v.dtype)).sum() for v in values)
 
 
 def peft_reference(model, head, **prefix_options):
