@@ -41,7 +41,7 @@ def snapshot(model):
     return {
         "hooks": [(name, len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in model.named_modules()],
         "forwards": [name for name, m in model.named_modules() if "forward" in m.__dict__],
-        "configs": [(name, m.config is model.config, m.config._attn_implementation)
+        "configs": [(name, m.config is model.config, getattr(m.config, "_attn_implementation", None))
                     for name, m in model.named_modules() if hasattr(m, "config")],
         "requires_grad": [(name, p.requires_grad) for name, p in model.named_parameters()],
         "attributes": sorted(model.__dict__),
