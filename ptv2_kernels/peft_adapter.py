@@ -60,9 +60,9 @@ class PeftAdapter:
 def check_model_type(model_type: str, source) -> None:
     """ValueError (with the reason) for a model type PEFT cannot prefix-tune."""
     if model_type not in PEFT_MODEL_TYPES:
-        raise ValueError(f"{source}: PEFT prefix-tuning adapters exist for {PEFT_MODEL_TYPES} models only, not "
-                         f"{model_type!r} (PEFT 0.21 refuses prefix tuning of a backbone whose forward has no "
-                         "past_key_values, as DeBERTa's has not); use save_prefix / load_prefix")
+        raise ValueError(f"{source}: PEFT refuses {model_type!r} (PEFT 0.21 prefix tuning needs a backbone forward "
+                         "with past_key_values, which DeBERTa's has not), so PEFT adapters exist for "
+                         f"{PEFT_MODEL_TYPES} models only; use save_prefix / load_prefix")
 
 
 def _mismatch(source, pairs: dict) -> None:

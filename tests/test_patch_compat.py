@@ -304,3 +304,14 @@ def test_torch_load_in_a_fresh_process(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "saved.pt")], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "same logits" in done.stdout, done.stderr[-2000:]
+
+
+def test_pyproject_states_the_supported_range():
+    """pyproject.toml's dependency is the range patch_model checks (and .ci/run tests the floor of)."""
+    import tomllib
+    from pathlib import Path
+
+    from ptv2_kernels.patching import compat
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert f"transformers{compat.SUPPORTED_RANGE}" in project["dependencies"]
