@@ -8,8 +8,11 @@ How one forward of a patched model runs:
    takes the 2D padding mask, checks ``task_ids``, and passes a :class:`PrefixCall` down as the keyword
    argument ``ptv2_prefix_call``, which transformers 5 forwards through every layer to the self-attention
    modules (so gradient checkpointing recomputes with the same call);
-3. each patched self-attention module (its instance ``forward`` replaced, the class untouched) attends
-   over its prefix slot with :func:`ptv2_kernels.prefix_attention`.
+3. each patched self-attention module attends over its prefix row with :func:`ptv2_kernels.prefix_attention`
+   (:meth:`PrefixCall.attend`): BERT/RoBERTa through the registered ``AttentionInterface`` function, DeBERTa
+   through an instance ``forward`` (classes are never changed);
+4. a post-hook on the base model checks that every patched layer did attend (else the installed transformers
+   routed attention past the patch: ``RuntimeError`` instead of outputs without the prefix).
 """
 
 import abc
