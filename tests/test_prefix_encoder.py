@@ -96,7 +96,8 @@ def test_file_errors(tmp_path):
     ({"num_tasks": True}, TypeError, "num_tasks"), ({"layers": ()}, ValueError, "layers"),
     ({"layers": (2, 0)}, ValueError, "layers"), ({"layers": (0, 3)}, ValueError, "layers"),
     ({"layers": (0.0, 1)}, TypeError, "layers"), ({"prefix_dropout": -0.1}, ValueError, "prefix_dropout"),
-    ({"prefix_dropout": "0.1"}, TypeError, "prefix_dropout"), ({"prefix_projection": 1}, TypeError, "prefix_projection"),
+    ({"prefix_dropout": "0.1"}, TypeError, "prefix_dropout"),
+    ({"prefix_projection": 1}, TypeError, "prefix_projection"),
 ])
 def test_bad_config(overrides, exception, error):
     with pytest.raises(exception, match=error):

@@ -96,7 +96,7 @@ def _resolve_layers(layers: Optional[Iterable[int]], num_layers: int) -> tuple:
     return tuple(resolved)
 
 
-def _prefix_config(model: nn.Module, family: ModelFamily, prefix_len, *, prefix_projection, prefix_hidden_size,
+def _prefix_config(model: nn.Module, prefix_len, *, prefix_projection, prefix_hidden_size,
                    prefix_dropout, layers, num_tasks) -> PrefixConfig:
     """The checked :class:`PrefixConfig` that ``patch_model(model, ...)`` attaches."""
     config = model.config
@@ -123,7 +123,8 @@ def _checked_model(model) -> ModelFamily:
     compat.check_version()
     family = _family_of(model)
     if getattr(model, STATE_ATTR, None) is not None:
-        raise RuntimeError(f"{type(model).__name__} is already patched; call unpatch_model(model) before patching again")
+        raise RuntimeError(f"{type(model).__name__} is already patched; call unpatch_model(model) before patching "
+                           "again")
     if hasattr(model, ENCODER_ATTR):
         raise RuntimeError(f"{type(model).__name__} already has an attribute {ENCODER_ATTR!r}")
     family.check_layout(model.base_model)
@@ -163,7 +164,7 @@ def patch_model(
     """
     family = _checked_model(model)
     _flag("freeze_backbone", freeze_backbone)
-    prefix_config = _prefix_config(model, family, prefix_len, prefix_projection=prefix_projection,
+    prefix_config = _prefix_config(model, prefix_len, prefix_projection=prefix_projection,
                                    prefix_hidden_size=prefix_hidden_size, prefix_dropout=prefix_dropout,
                                    layers=layers, num_tasks=num_tasks)
     return _attach(model, family, prefix_config, freeze_backbone, _backend(backend))
@@ -229,7 +230,7 @@ def load_prefix(path, model: Optional[nn.Module] = None, *, backend: str = "auto
         return encoder
     family = _checked_model(model)
     try:
-        fitted = _prefix_config(model, family, config.prefix_len, prefix_projection=config.prefix_projection,
+        fitted = _prefix_config(model, config.prefix_len, prefix_projection=config.prefix_projection,
                                 prefix_hidden_size=config.prefix_hidden_size, prefix_dropout=config.prefix_dropout,
                                 layers=list(config.layers), num_tasks=config.num_tasks)
     except ValueError as error:

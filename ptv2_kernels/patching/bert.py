@@ -133,8 +133,8 @@ class _BertLike(ModelFamily):
         embeddings_class = compat.require_module_class(module, self.embeddings_class, "embeddings")
         compat.require_instance(embeddings, embeddings_class, f"{self.base_class}.embeddings")
         compat.require_parameters(embeddings_class.forward, _EMBEDDING_ARGUMENTS, f"{self.embeddings_class}.forward")
-        compat.require_attributes(embeddings, ["position_embeddings"] + ["padding_idx"] * self._positions_after_padding_idx,
-                                  f"{self.base_class}.embeddings")
+        wanted = ["position_embeddings"] + ["padding_idx"] * self._positions_after_padding_idx
+        compat.require_attributes(embeddings, wanted, f"{self.base_class}.embeddings")
         if not isinstance(embeddings.position_embeddings, nn.Embedding):
             raise compat.LayoutError(f"{self.base_class}.embeddings.position_embeddings is not an nn.Embedding "
                                      "(absolute positions)")

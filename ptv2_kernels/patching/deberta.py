@@ -192,7 +192,8 @@ class _DebertaFamily(ModelFamily):
             compat.require_parameters(cls.forward, arguments, f"{class_name}.forward")
             compat.require_attributes(getattr(base_model, part), attributes, f"{self.base_class}.{part}")
         attention_class = getattr(module, self.attention_class)
-        compat.require_exact_parameters(attention_class.forward, _ATTENTION_ARGUMENTS, f"{self.attention_class}.forward")
+        compat.require_exact_parameters(attention_class.forward, _ATTENTION_ARGUMENTS,
+                                        f"{self.attention_class}.forward")
         for index, layer in enumerate(base_model.encoder.layer):
             attention = layer.attention.self
             compat.require_attributes(attention, self.attention_attributes(attention),
