@@ -23,11 +23,13 @@ _use_triton_interpreter_without_gpu()
 from .baselines import concat_prefix_attention  # noqa: E402
 from .ops.disentangled import DisentangledBias  # noqa: E402
 from .ops.prefix_attention import prefix_attention, prefix_attention_varlen  # noqa: E402
-from .patching import patch_model, unpatch_model  # noqa: E402
-from .prefix_encoder import PrefixConfig, PrefixEncoder, load_prefix, save_prefix  # noqa: E402
+from .patching import load_prefix, patch_model, unpatch_model  # noqa: E402
+from .prefix_encoder import PrefixConfig, PrefixEncoder, save_prefix  # noqa: E402
+from .peft_adapter import export_peft_adapter, load_peft_adapter  # noqa: E402
 
 __all__ = ["prefix_attention", "prefix_attention_varlen", "concat_prefix_attention", "DisentangledBias"]
 __all__ += ["patch_model", "unpatch_model", "PrefixEncoder", "PrefixConfig", "save_prefix", "load_prefix"]
+__all__ += ["export_peft_adapter", "load_peft_adapter"]
 __version__ = "0.1.0"
 from .serving import PrefixServer, Request  # noqa: E402
 __all__ += ["PrefixServer", "Request"]

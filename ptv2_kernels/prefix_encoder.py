@@ -10,10 +10,12 @@ Layouts:
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from .errors import CheckpointError
 
 _METADATA_KEY = "ptv2_prefix_config"
 _FORMAT_VERSION = 1
@@ -39,17 +41,31 @@ class PrefixConfig:
     model_type: str = ""
 
     def __post_init__(self):
+        """TypeError for a value of the wrong type, ValueError for one out of range; each names its field."""
         for name in ("prefix_len", "num_heads", "head_dim", "num_hidden_layers", "num_tasks", "prefix_hidden_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+            if value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
+            raise TypeError(f"layers must be a sequence of int layer indices, got {self.layers!r}")
         layers = tuple(self.layers)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise TypeError(f"layers must hold int layer indices, got {list(layers)!r}")
         if not layers or list(layers) != sorted(set(layers)) or not all(0 <= i < self.num_hidden_layers for i in layers):
             raise ValueError(f"layers must be distinct sorted layer indices in [0, {self.num_hidden_layers}), "
                              f"got {list(layers)}")
         object.__setattr__(self, "layers", layers)
-        if not isinstance(self.prefix_dropout, (int, float)) or not 0.0 <= self.prefix_dropout < 1.0:
+        for name in ("prefix_projection",):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.prefix_dropout, (int, float)) or isinstance(self.prefix_dropout, bool):
+            raise TypeError(f"prefix_dropout must be a float in [0, 1), got {self.prefix_dropout!r}")
+        if not 0.0 <= self.prefix_dropout < 1.0:
             raise ValueError(f"prefix_dropout must be a float in [0, 1), got {self.prefix_dropout!r}")
+        if not isinstance(self.model_type, str):
+            raise TypeError(f"model_type must be a str, got {self.model_type!r}")
 
     @property
     def hidden_size(self) -> int:
@@ -141,47 +157,62 @@ def save_prefix(encoder: PrefixEncoder, path) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
-def load_prefix(path, model: Optional[nn.Module] = None, *, backend: str = "auto",
-                freeze_backbone: bool = True) -> PrefixEncoder:
-    """Read a file written by :func:`save_prefix`.
+def expected_state(config: PrefixConfig) -> dict:
+    """``{name: shape}`` of the state dict of a :class:`PrefixEncoder` of ``config`` (built on the meta device)."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in PrefixEncoder(config).state_dict().items()}
 
-    Without ``model``: returns a standalone :class:`PrefixEncoder`. With ``model``: patches it with the
-    saved options (``patch_model(model, ..., backend=backend, freeze_backbone=freeze_backbone)``), loads
-    the weights and returns the attached encoder; ``ValueError`` if the model's family, depth, heads or
-    head size differ from the saved ones.
-    """
+
+def read_prefix_file(path) -> tuple:
+    """``(PrefixConfig, {name: tensor})`` of a :func:`save_prefix` file, everything checked before it is returned:
+    a readable safetensors file, valid metadata of this format version, and tensors whose names, shapes and
+    (floating) dtypes are those of an encoder of the saved config. ``CheckpointError`` naming the file otherwise
+    (``FileNotFoundError`` if there is none)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if _METADATA_KEY not in metadata:
-            raise ValueError(f"{path} is not a prefix file written by save_prefix (no {_METADATA_KEY!r} metadata)")
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    values = json.loads(metadata[_METADATA_KEY])
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no prefix file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # noqa: BLE001  (safetensors raises its own error types for a corrupt file)
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
+    if _METADATA_KEY not in metadata:
+        raise CheckpointError(f"{path} is not a prefix file written by save_prefix (no {_METADATA_KEY!r} metadata)")
+    try:
+        values = json.loads(metadata[_METADATA_KEY])
+    except ValueError as error:
+        raise CheckpointError(f"{path}: its {_METADATA_KEY!r} metadata is not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: its {_METADATA_KEY!r} metadata must be a JSON object, got "
+                              f"{type(values).__name__}")
     version = values.pop("format_version", None)
     if version != _FORMAT_VERSION:
-        raise ValueError(f"{path} has prefix format version {version}, this version reads {_FORMAT_VERSION}")
-    config = PrefixConfig.from_dict(values)
-    if model is None:
-        encoder = PrefixEncoder(config)
-    else:
-        encoder = _patch_like(model, config, backend, freeze_backbone)
+        raise CheckpointError(f"{path} has prefix format version {version!r}, this version reads {_FORMAT_VERSION}")
+    fields = {f.name for f in dataclasses.fields(PrefixConfig)}
+    if set(values) != fields:
+        raise CheckpointError(f"{path}: its {_METADATA_KEY!r} metadata lacks {sorted(fields - set(values))} and has "
+                              f"unknown fields {sorted(set(values) - fields)}")
+    try:
+        config = PrefixConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its {_METADATA_KEY!r} metadata is not a valid PrefixConfig ({error})") from None
+    expected = expected_state(config)
+    if set(tensors) != set(expected):
+        raise CheckpointError(f"{path}: tensors {sorted(tensors)} do not match its config, which needs "
+                              f"{sorted(expected)}")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != expected[name] or not tensor.dtype.is_floating_point:
+            raise CheckpointError(f"{path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, its config needs a "
+                                  f"floating-point {list(expected[name])}")
+    return config, tensors
+
+
+def load_prefix(path) -> PrefixEncoder:
+    """The standalone :class:`PrefixEncoder` of a :func:`save_prefix` file (checked by :func:`read_prefix_file`).
+    ``ptv2_kernels.load_prefix(path, model)`` also patches a model with it."""
+    config, tensors = read_prefix_file(path)
+    encoder = PrefixEncoder(config)
     encoder.load_state_dict(tensors)
-    return encoder
-
-
-def _patch_like(model: nn.Module, config: PrefixConfig, backend: str, freeze_backbone: bool) -> PrefixEncoder:
-    """Patch ``model`` with the options of ``config``; undo and raise if the model does not match it."""
-    from .patching import patch_model, unpatch_model
-
-    encoder = patch_model(
-        model, config.prefix_len, prefix_projection=config.prefix_projection,
-        prefix_hidden_size=config.prefix_hidden_size, prefix_dropout=config.prefix_dropout,
-        layers=list(config.layers), num_tasks=config.num_tasks, freeze_backbone=freeze_backbone, backend=backend,
-    )
-    if encoder.config != config:
-        unpatch_model(model)
-        mismatched = {name: (getattr(config, name), getattr(encoder.config, name))
-                      for name in config.to_dict() if getattr(config, name) != getattr(encoder.config, name)}
-        raise ValueError(f"model does not match the saved prefix: (saved, model) = {mismatched}")
     return encoder

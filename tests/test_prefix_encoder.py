@@ -91,13 +91,16 @@ def test_file_errors(tmp_path):
         save_prefix(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
 
 
-@pytest.mark.parametrize("overrides,error", [
-    ({"prefix_len": 0}, "prefix_len"), ({"num_heads": 2.0}, "num_heads"), ({"num_tasks": True}, "num_tasks"),
-    ({"layers": ()}, "layers"), ({"layers": (2, 0)}, "layers"), ({"layers": (0, 3)}, "layers"),
-    ({"prefix_dropout": -0.1}, "prefix_dropout"),
+@pytest.mark.parametrize("overrides,exception,error", [
+    ({"prefix_len": 0}, ValueError, "prefix_len"), ({"num_heads": 2.0}, TypeError, "num_heads"),
+    ({"num_tasks": True}, TypeError, "num_tasks"), ({"layers": ()}, ValueError, "layers"),
+    ({"layers": (2, 0)}, ValueError, "layers"), ({"layers": (0, 3)}, ValueError, "layers"),
+    ({"layers": (0.0, 1)}, TypeError, "layers"), ({"prefix_dropout": -0.1}, ValueError, "prefix_dropout"),
+    ({"prefix_dropout": "0.1"}, TypeError, "prefix_dropout"),
+    ({"prefix_projection": 1}, TypeError, "prefix_projection"),
 ])
-def test_bad_config(overrides, error):
-    with pytest.raises(ValueError, match=error):
+def test_bad_config(overrides, exception, error):
+    with pytest.raises(exception, match=error):
         make_config(**overrides)
     with pytest.raises(TypeError, match="PrefixConfig"):
         PrefixEncoder({"prefix_len": 5})

@@ -7,13 +7,16 @@ with :func:`ptv2_kernels.patch_model` (``fused-*`` providers) or wrapped by PEFT
 configs so every provider computes the same function: the fused models get PEFT's prefix values and
 their loss (train) or logits (serve) are checked against PEFT's.
 
-PEFT refuses DeBERTa, so DeBERTa's concatenation reference is ``concat-sdpa``: the same patched model
-with every layer's prefix attention swapped for :func:`ptv2_kernels.concat_prefix_attention` (prefix
-expanded over the batch and concatenated, c2p + p2c materialised as transformers does, SDPA). All DeBERTa
-providers start from one seeded random prefix.
+PEFT refuses DeBERTa, and PEFT 0.21 refuses BERT/RoBERTa on transformers >= 5.24 (their forward's
+``past_key_values`` became ``cache``; PEFT looks for the old name). Then the concatenation reference is
+``concat-sdpa``: the same patched model with every layer's prefix attention swapped for
+:func:`ptv2_kernels.concat_prefix_attention` (prefix expanded over the batch and concatenated, c2p + p2c
+materialised as transformers does, SDPA), and the ``peft`` provider is listed as skipped with the reason
+(``results.json``/``results.md``: which reference ran and why). Those providers start from one seeded random prefix.
 """
 
 import contextlib
+import inspect
 
 import torch
 
@@ -30,9 +33,29 @@ def _is_deberta(model_name: str) -> bool:
     return MODEL_CONFIGS[model_name]["model_type"].startswith("deberta")
 
 
+def peft_refusal(model_name: str):
+    """Why PEFT cannot prefix-tune ``model_name``'s model with the installed packages (None if it can): PEFT 0.21
+    runs prefix tuning only through a backbone forward with a ``past_key_values`` parameter."""
+    if _is_deberta(model_name):
+        return "PEFT 0.21 prefix tuning refuses DeBERTa (no past_key_values support)"
+    try:
+        import peft
+    except ImportError:
+        return "PEFT is not installed (pip install -e '.[test]')"
+    import transformers
+
+    backbone = {"bert": transformers.BertModel, "roberta": transformers.RobertaModel}[
+        MODEL_CONFIGS[model_name]["model_type"]]
+    if "past_key_values" not in inspect.signature(backbone.forward).parameters:
+        return (f"PEFT {peft.__version__} refuses prefix tuning of {backbone.__name__} on transformers "
+                f"{transformers.__version__} (its forward has no past_key_values: renamed cache in 5.24)")
+    return None
+
+
 def reference_provider(model_name: str) -> str:
-    """The concatenation baseline the model benches check and compare against."""
-    return CONCAT if _is_deberta(model_name) else "peft"
+    """The concatenation baseline the model benches check and compare against: PEFT where it runs, else
+    ``concat-sdpa`` (the patched model with concatenating attention)."""
+    return CONCAT if peft_refusal(model_name) else "peft"
 
 
 def _patch_model():
@@ -47,13 +70,12 @@ def _patch_model():
 def skip_reason(provider: str, model_name: str, device: torch.device):
     """Why ``provider`` cannot run a model bench of ``model_name`` here (None if it can)."""
     if provider == "peft":
-        if _is_deberta(model_name):
-            return "PEFT 0.21 prefix tuning refuses DeBERTa (no past_key_values support)"
-        return None
+        refusal = peft_refusal(model_name)
+        return None if refusal is None else f"{refusal}; the concatenation reference is {CONCAT} instead"
     if _patch_model() is None:
         return "needs ptv2_kernels.patch_model (SPEC §3), not in this version of the package"
     if provider == CONCAT:
-        return None if _is_deberta(model_name) else "PEFT is the concatenation baseline of this model"
+        return None if reference_provider(model_name) == CONCAT else "PEFT is the concatenation baseline of this model"
     return kernel.skip_reason(provider, "kernel-fwd", device, relative=_is_deberta(model_name))
 
 
@@ -103,10 +125,10 @@ def make_batch(config, batch: int, seq: int, device, labels: bool):
 
 
 def prepare(provider: str, model_name: str, prefix_len: int, quick: bool, device, dtype):
-    """The model of ``provider``; patched ones get the prefix PEFT would start from (same seed), or for
-    DeBERTa one seeded random prefix."""
+    """The model of ``provider``; patched ones get the prefix PEFT would start from (same seed), or where PEFT
+    is not the reference one seeded random prefix."""
     model = build_model(model_name, quick, device, dtype)
-    if _is_deberta(model_name):
+    if reference_provider(model_name) == CONCAT:
         start = None
     else:
         reference = _peft(build_model(model_name, quick, device, dtype), prefix_len)

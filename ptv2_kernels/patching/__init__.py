@@ -1,54 +1,92 @@
 """``patch_model`` / ``unpatch_model``: turn a transformers encoder (any task head) into a P-Tuning v2
-model whose self-attention reads the prefix through :func:`ptv2_kernels.prefix_attention`.
+model whose self-attention reads the prefix through :func:`ptv2_kernels.prefix_attention`; ``load_prefix``
+of a saved prefix into a model.
 
 Families are looked up by the class of ``model.base_model``: BERT, RoBERTa (``bert.py``), DeBERTa and
 DeBERTa-v2/v3 (``deberta.py``). A new family implements :class:`~ptv2_kernels.patching.base.ModelFamily` in its
 own module and is added to ``FAMILIES``.
-Only module instances are changed (instance ``forward`` attributes, hooks, one submodule), never classes,
-so other models in the process are unaffected.
+Only module instances are changed (hooks, one config object or instance ``forward`` per patched self-attention
+module, one submodule), never classes, so other models in the process are unaffected. Every argument, the
+transformers version (:mod:`~ptv2_kernels.patching.compat`) and the model's layout are checked before anything
+is changed: a failed ``patch_model`` leaves the model as it was.
 """
 
+import operator
+from numbers import Real
 from typing import Iterable, Optional
 
-import transformers
 from torch import nn
 
+from ..errors import CheckpointError
 from ..ops.prefix_attention import BACKENDS
-from ..prefix_encoder import PrefixConfig, PrefixEncoder
-from .base import (ENCODER_ATTR, STATE_ATTR, ModelFamily, PatchState, clear_task_ids_hook, start_call_hook,
-                   take_task_ids_hook)
+from ..prefix_encoder import PrefixConfig, PrefixEncoder, read_prefix_file
+from . import compat
+from .base import (ENCODER_ATTR, STATE_ATTR, ModelFamily, PatchState, check_attended_hook, clear_task_ids_hook,
+                   start_call_hook, take_task_ids_hook)
 from .bert import BERT, ROBERTA
 from .deberta import DEBERTA, DEBERTA_V2
 
 FAMILIES: list = [BERT, ROBERTA, DEBERTA, DEBERTA_V2]
-MIN_TRANSFORMERS_MAJOR = 5
 
 
 def _family_of(model: nn.Module) -> ModelFamily:
     base = getattr(model, "base_model", None)
     for family in FAMILIES:
-        if isinstance(base, family.base_model_classes()):
+        classes = family.base_model_classes()
+        if classes and isinstance(base, classes):
             return family
     supported = ", ".join(cls.__name__ for family in FAMILIES for cls in family.base_model_classes())
     raise TypeError(f"patch_model supports transformers models built on {supported} (any task head); got "
                     f"{type(model).__name__} (base model {type(base).__name__})")
 
 
-def _check_transformers_version() -> None:
-    major = int(transformers.__version__.split(".")[0])
-    if major < MIN_TRANSFORMERS_MAJOR:
-        raise RuntimeError(f"patch_model needs transformers >= {MIN_TRANSFORMERS_MAJOR}.0 (its attention modules "
-                           f"and keyword plumbing), found transformers {transformers.__version__}")
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, got the bool {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _backend(value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"backend must be a str, one of {BACKENDS}, got {value!r} ({type(value).__name__})")
+    if value not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def _dropout(value, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"prefix_dropout must be None or a float in [0, 1), got {value!r} ({type(value).__name__})")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"prefix_dropout must be None or a float in [0, 1), got {value!r}")
+    return float(value)
 
 
 def _resolve_layers(layers: Optional[Iterable[int]], num_layers: int) -> tuple:
     """Prompt depth: sorted distinct layer indices (negative ones count from the end)."""
     if layers is None:
         return tuple(range(num_layers))
-    try:
-        indices = [int(i) for i in layers]
-    except TypeError:
-        raise TypeError(f"layers must be None or an iterable of layer indices, got {layers!r}") from None
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise TypeError(f"layers must be None or an iterable of int layer indices, got {layers!r}")
+    indices = list(layers)
+    for i in indices:
+        if isinstance(i, bool) or not hasattr(type(i), "__index__"):
+            raise TypeError(f"layers must hold int layer indices, got {i!r} ({type(i).__name__}) in {indices!r}")
+    indices = [operator.index(i) for i in indices]
     if not all(-num_layers <= i < num_layers for i in indices):
         raise ValueError(f"layers must be indices in [-{num_layers}, {num_layers}) for a {num_layers}-layer model, "
                          f"got {indices}")
@@ -56,6 +94,42 @@ def _resolve_layers(layers: Optional[Iterable[int]], num_layers: int) -> tuple:
     if not resolved or len(resolved) != len(indices):
         raise ValueError(f"layers must be a non-empty list of distinct layer indices, got {indices}")
     return tuple(resolved)
+
+
+def _prefix_config(model: nn.Module, prefix_len, *, prefix_projection, prefix_hidden_size,
+                   prefix_dropout, layers, num_tasks) -> PrefixConfig:
+    """The checked :class:`PrefixConfig` that ``patch_model(model, ...)`` attaches."""
+    config = model.config
+    num_layers = len(model.base_model.encoder.layer)
+    heads = config.num_attention_heads
+    return PrefixConfig(
+        prefix_len=_positive_int("prefix_len", prefix_len),
+        num_heads=heads,
+        head_dim=config.hidden_size // heads,
+        num_hidden_layers=num_layers,
+        layers=_resolve_layers(layers, num_layers),
+        num_tasks=_positive_int("num_tasks", num_tasks),
+        prefix_projection=_flag("prefix_projection", prefix_projection),
+        prefix_hidden_size=_positive_int("prefix_hidden_size", prefix_hidden_size),
+        prefix_dropout=_dropout(prefix_dropout, config.hidden_dropout_prob),
+        model_type=config.model_type,
+    )
+
+
+def _checked_model(model) -> ModelFamily:
+    """The family of an unpatched, supported ``model`` whose layout this transformers version matches."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    compat.check_version()
+    family = _family_of(model)
+    if getattr(model, STATE_ATTR, None) is not None:
+        raise RuntimeError(f"{type(model).__name__} is already patched; call unpatch_model(model) before patching "
+                           "again")
+    if hasattr(model, ENCODER_ATTR):
+        raise RuntimeError(f"{type(model).__name__} already has an attribute {ENCODER_ATTR!r}")
+    family.check_layout(model.base_model)
+    family.check_config(model.config)
+    return family
 
 
 def patch_model(
@@ -85,51 +159,38 @@ def patch_model(
         freeze_backbone: freeze the base model's parameters (the task head and the prefix stay trainable).
         backend: the ``prefix_attention`` backend.
 
-    Returns the attached encoder. Patching a patched model raises RuntimeError: unpatch it first.
+    Returns the attached encoder. Raises TypeError/ValueError naming a bad argument, RuntimeError for a patched
+    model or a transformers version/layout it does not recognise; then the model is unchanged.
     """
-    _check_transformers_version()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    family = _family_of(model)
-    if getattr(model, STATE_ATTR, None) is not None:
-        raise RuntimeError(f"{type(model).__name__} is already patched; call unpatch_model(model) before patching again")
-    if hasattr(model, ENCODER_ATTR):
-        raise RuntimeError(f"{type(model).__name__} already has an attribute {ENCODER_ATTR!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    config = model.config
-    family.check_config(config)
+    family = _checked_model(model)
+    _flag("freeze_backbone", freeze_backbone)
+    prefix_config = _prefix_config(model, prefix_len, prefix_projection=prefix_projection,
+                                   prefix_hidden_size=prefix_hidden_size, prefix_dropout=prefix_dropout,
+                                   layers=layers, num_tasks=num_tasks)
+    return _attach(model, family, prefix_config, freeze_backbone, _backend(backend))
+
+
+def _attach(model: nn.Module, family: ModelFamily, prefix_config: PrefixConfig, freeze_backbone: bool,
+            backend: str) -> PrefixEncoder:
+    """Patch a checked ``model`` with a new encoder of ``prefix_config`` (nothing here raises on valid input)."""
     base = model.base_model
     attentions = family.self_attention_modules(base)
-    heads = config.num_attention_heads
-    prefix_config = PrefixConfig(
-        prefix_len=prefix_len,
-        num_heads=heads,
-        head_dim=config.hidden_size // heads,
-        num_hidden_layers=len(attentions),
-        layers=_resolve_layers(layers, len(attentions)),
-        num_tasks=num_tasks,
-        prefix_projection=bool(prefix_projection),
-        prefix_hidden_size=prefix_hidden_size,
-        prefix_dropout=config.hidden_dropout_prob if prefix_dropout is None else prefix_dropout,
-        model_type=config.model_type,
-    )
     device = next(model.parameters()).device
     encoder = PrefixEncoder(prefix_config).to(device).train(model.training)
-
-    state = PatchState(encoder=encoder, backend=backend, modules=[], handles=[])
+    state = PatchState(encoder=encoder, backend=backend, slots={}, handles=[])
     if freeze_backbone:
         state.requires_grad = [(p, p.requires_grad) for p in base.parameters()]
         for parameter in base.parameters():
             parameter.requires_grad_(False)
-    state.handles += family.input_hooks(base, prefix_len)
+    state.handles += family.input_hooks(base, prefix_config.prefix_len)
     state.handles.append(model.register_forward_pre_hook(take_task_ids_hook(state), with_kwargs=True))
     state.handles.append(model.register_forward_hook(clear_task_ids_hook(state), with_kwargs=True, always_call=True))
     state.handles.append(base.register_forward_pre_hook(start_call_hook(state), with_kwargs=True))
+    state.handles.append(base.register_forward_hook(check_attended_hook(state), with_kwargs=True))
     for slot, layer in enumerate(prefix_config.layers):
         module = attentions[layer]
-        module.forward = family.patched_forward(module, slot)
-        state.modules.append(module)
+        state.handles.append(family.route_attention(module))
+        state.slots[module] = slot
     model.add_module(ENCODER_ATTR, encoder)
     setattr(model, STATE_ATTR, state)
     return encoder
@@ -141,10 +202,8 @@ def unpatch_model(model: nn.Module) -> PrefixEncoder:
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         raise ValueError(f"{type(model).__name__} is not patched (patch_model was not called on it)")
-    for handle in state.handles:
+    for handle in reversed(state.handles):
         handle.remove()
-    for module in state.modules:
-        del module.forward
     for parameter, requires_grad in state.requires_grad:
         parameter.requires_grad_(requires_grad)
     delattr(model, ENCODER_ATTR)
@@ -152,4 +211,42 @@ def unpatch_model(model: nn.Module) -> PrefixEncoder:
     return state.encoder
 
 
-__all__ = ["patch_model", "unpatch_model", "FAMILIES", "ModelFamily"]
+def load_prefix(path, model: Optional[nn.Module] = None, *, backend: str = "auto",
+                freeze_backbone: bool = True) -> PrefixEncoder:
+    """Read a file written by :func:`~ptv2_kernels.save_prefix`.
+
+    Without ``model``: returns a standalone :class:`PrefixEncoder`. With ``model``: patches it with the saved
+    options (``patch_model(model, ..., backend=backend, freeze_backbone=freeze_backbone)``), loads the weights and
+    returns the attached encoder. All or nothing: the file (readable, metadata, tensor names, shapes, dtypes) and its
+    fit to the model (family, depth, layers, heads, head size) are checked first; on any error (``CheckpointError``
+    naming the file for the file and the fit) the model is exactly as before.
+    """
+    _flag("freeze_backbone", freeze_backbone)
+    _backend(backend)
+    config, tensors = read_prefix_file(path)
+    if model is None:
+        encoder = PrefixEncoder(config)
+        encoder.load_state_dict(tensors)
+        return encoder
+    family = _checked_model(model)
+    try:
+        fitted = _prefix_config(model, config.prefix_len, prefix_projection=config.prefix_projection,
+                                prefix_hidden_size=config.prefix_hidden_size, prefix_dropout=config.prefix_dropout,
+                                layers=list(config.layers), num_tasks=config.num_tasks)
+    except ValueError as error:
+        raise CheckpointError(f"{path} does not match {type(model).__name__}: {error}") from None
+    mismatched = {name: (getattr(config, name), getattr(fitted, name))
+                  for name in config.to_dict() if getattr(config, name) != getattr(fitted, name)}
+    if mismatched:
+        detail = ", ".join(f"{name} {saved!r} != {fit!r}" for name, (saved, fit) in mismatched.items())
+        raise CheckpointError(f"{path} does not match {type(model).__name__} (saved != model): {detail}")
+    encoder = _attach(model, family, fitted, freeze_backbone, backend)
+    try:
+        encoder.load_state_dict(tensors)
+    except BaseException:
+        unpatch_model(model)
+        raise
+    return encoder
+
+
+__all__ = ["patch_model", "unpatch_model", "load_prefix", "FAMILIES", "ModelFamily"]

@@ -8,8 +8,11 @@ How one forward of a patched model runs:
    takes the 2D padding mask, checks ``task_ids``, and passes a :class:`PrefixCall` down as the keyword
    argument ``ptv2_prefix_call``, which transformers 5 forwards through every layer to the self-attention
    modules (so gradient checkpointing recomputes with the same call);
-3. each patched self-attention module (its instance ``forward`` replaced, the class untouched) attends
-   over its prefix slot with :func:`ptv2_kernels.prefix_attention`.
+3. each patched self-attention module attends over its prefix row with :func:`ptv2_kernels.prefix_attention`
+   (:meth:`PrefixCall.attend`): BERT/RoBERTa through the registered ``AttentionInterface`` function, DeBERTa
+   through an instance ``forward`` (classes are never changed);
+4. a post-hook on the base model checks that every patched layer did attend (else the installed transformers
+   routed attention past the patch: ``RuntimeError`` instead of outputs without the prefix).
 """
 
 import abc
@@ -25,6 +28,7 @@ from torch import nn
 
 from ..ops.prefix_attention import prefix_attention
 from ..prefix_encoder import PrefixEncoder
+from . import compat
 
 CALL_KWARG = "ptv2_prefix_call"
 ENCODER_ATTR = "prefix_encoder"
@@ -37,7 +41,8 @@ class PrefixCall:
 
     ``prefix``: the compact prefix ``[L', 2, H, P, D]`` or bank ``[T, L', 2, H, P, D]`` (evaluated once);
     ``key_padding_mask``: ``[B, N]`` bool, True = real token (None: no padding); ``task_ids``: ``[B]``
-    int64 with a bank; ``prefix_dropout_p``: 0 in eval.
+    int64 with a bank; ``prefix_dropout_p``: 0 in eval; ``slots``: the patched self-attention modules and
+    their prefix row; ``attended``: the rows that attended in this forward (checked after it).
     """
 
     prefix: torch.Tensor
@@ -45,10 +50,17 @@ class PrefixCall:
     task_ids: Optional[torch.Tensor]
     prefix_dropout_p: float
     backend: str
+    slots: dict
+    attended: set = field(default_factory=set)
 
-    def attend(self, slot: int, q, k, v, **op_kwargs) -> torch.Tensor:
-        """``prefix_attention`` of ``q, k, v`` (``[B, H, N, D]``) over prefix row ``slot``, the prefix cast to
-        q's dtype. ``op_kwargs``: ``scale``, ``dropout_p``."""
+    def attend(self, module: nn.Module, q, k, v, **op_kwargs) -> torch.Tensor:
+        """``prefix_attention`` of ``q, k, v`` (``[B, H, N, D]``) over the prefix row of ``module``, the prefix
+        cast to q's dtype. ``op_kwargs``: ``scale``, ``dropout_p``, ``disentangled_bias``."""
+        slot = self.slots.get(module)
+        if slot is None:
+            raise RuntimeError(f"a {type(module).__name__} that patch_model did not patch was routed to the prefix "
+                               "attention (was its attention implementation set by hand?)")
+        self.attended.add(slot)
         layer = self.prefix[slot] if self.task_ids is None else self.prefix[:, slot]
         layer = layer.to(q.dtype)
         return prefix_attention(
@@ -69,7 +81,10 @@ def take_call(kwargs: dict) -> PrefixCall:
 class ModelFamily(abc.ABC):
     """How one transformers model family is patched; ``patching/__init__.py`` keeps the registered ones.
     A family names its transformers module, base model class and self-attention class; the layout
-    ``base.encoder.layer[i].attention.self`` is the one BERT, RoBERTa and DeBERTa share."""
+    ``base.encoder.layer[i].attention.self`` is the one BERT, RoBERTa and DeBERTa share.
+
+    ``check_layout`` runs before anything is changed and raises :class:`~ptv2_kernels.patching.compat.LayoutError`
+    for every transformers name the family relies on that is missing or different."""
 
     name: str
     module_path: str
@@ -81,22 +96,29 @@ class ModelFamily(abc.ABC):
 
     def base_model_classes(self) -> tuple:
         """The base model classes (``BertModel``, ...) this family patches, any task head around them."""
-        return (getattr(self._module(), self.base_class),)
+        cls = getattr(self._module(), self.base_class, None)
+        return (cls,) if isinstance(cls, type) else ()
 
     def self_attention_modules(self, base_model: nn.Module) -> list:
-        """One self-attention module per layer, in layer order; RuntimeError if the layout is unexpected."""
-        attention_class = getattr(self._module(), self.attention_class)
-        modules = [layer.attention.self for layer in base_model.encoder.layer]
-        for module in modules:
-            if type(module) is not attention_class:
-                raise RuntimeError(f"expected {self.attention_class} self-attention modules in {self.name}, found "
-                                   f"{type(module).__name__}: this transformers version is not supported")
-        return modules
+        """One self-attention module per layer, in layer order (the layout is checked by ``check_layout``)."""
+        return [layer.attention.self for layer in base_model.encoder.layer]
+
+    def check_layout(self, base_model: nn.Module) -> None:
+        """The shared layout: ``encoder.layer`` a ModuleList of layers whose ``attention.self`` is exactly the
+        family's self-attention class. Families extend it with what their patch reads."""
+        where = f"{self.base_class}.encoder.layer"
+        layers = getattr(getattr(base_model, "encoder", None), "layer", None)
+        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+            raise compat.LayoutError(f"{where} is not a non-empty ModuleList")
+        attention_class = compat.require_module_class(self._module(), self.attention_class, "self-attention")
+        for index, layer in enumerate(layers):
+            attention = getattr(getattr(layer, "attention", None), "self", None)
+            compat.require_instance(attention, attention_class, f"{where}[{index}].attention.self")
 
     @abc.abstractmethod
-    def patched_forward(self, module: nn.Module, slot: int):
-        """The replacement ``forward`` of ``module`` (prefix row ``slot``); it reads the call with
-        :func:`take_call` and must return what the original ``forward`` returns."""
+    def route_attention(self, module: nn.Module):
+        """Make ``module`` attend through the forward's :class:`PrefixCall` (``call.attend(module, ...)``);
+        returns a handle whose ``remove()`` undoes it exactly."""
 
     def check_config(self, config) -> None:
         """Raise ValueError for configurations the family cannot patch."""
@@ -108,12 +130,13 @@ class ModelFamily(abc.ABC):
 
 @dataclass
 class PatchState:
-    """Everything ``unpatch_model`` undoes. ``pending_task_ids``: set by the top-level pre-hook, consumed by
-    the base-model pre-hook within the same forward."""
+    """Everything ``unpatch_model`` undoes. ``slots``: each patched self-attention module and its prefix row;
+    ``handles``: hooks and routings (``remove()``). ``pending_task_ids``: set by the top-level pre-hook,
+    consumed by the base-model pre-hook within the same forward."""
 
     encoder: PrefixEncoder
     backend: str
-    modules: list
+    slots: dict
     handles: list
     requires_grad: list = field(default_factory=list)
     pending_task_ids: Optional[torch.Tensor] = None
@@ -186,21 +209,32 @@ def _check_task_ids(task_ids: Optional[torch.Tensor], num_tasks: int, batch: int
     return task_ids.long()
 
 
+CACHE_ARGUMENTS = ("past_key_values", "cache")  # transformers < 5.24 / >= 5.24 name of the cache argument
+
+
 def start_call_hook(state: PatchState):
     """Base-model pre-hook: build this forward's :class:`PrefixCall` and pass it down as a keyword."""
     return functools.partial(_start_call, state)
 
 
+def _sequence_length(bound: inspect.BoundArguments) -> int:
+    input_ids = bound.arguments.get("input_ids")
+    return input_ids.shape[-1] if input_ids is not None else bound.arguments["inputs_embeds"].shape[-2]
+
+
 def _start_call(state: PatchState, base_model, args, kwargs):
     bound = bound_arguments(base_model, args, kwargs)
-    if bound.arguments.get("past_key_values") is not None:
-        raise ValueError("a patched model reads its prefix from the PrefixEncoder; past_key_values must be None")
+    for name in CACHE_ARGUMENTS:
+        if bound.arguments.get(name) is not None or bound.kwargs.get(name) is not None:
+            raise ValueError(f"a patched model reads its prefix from the PrefixEncoder; {name} must be None")
     examples = _examples(bound)
     mask = bound.arguments.get("attention_mask")
     if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != examples[0]:
-            raise ValueError("attention_mask of a patched model must be a 2D [B, N] padding mask (1 = real "
-                             f"token), got {getattr(mask, 'shape', type(mask).__name__)}")
+        expected = [examples[0], _sequence_length(bound)]
+        if not isinstance(mask, torch.Tensor) or list(mask.shape) != expected:
+            got = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"attention_mask of a patched model must be a 2D [B, N] = {expected} padding mask "
+                             f"(1 = real token), got {got}")
         mask = mask.bool()
     task_ids = kwargs.pop("task_ids", None)
     task_ids = state.pending_task_ids if task_ids is None else task_ids
@@ -211,5 +245,21 @@ def _start_call(state: PatchState, base_model, args, kwargs):
         task_ids=_check_task_ids(task_ids, encoder.config.num_tasks, examples[0]),
         prefix_dropout_p=encoder.config.prefix_dropout if encoder.training else 0.0,
         backend=state.backend,
+        slots=state.slots,
     )
     return args, kwargs
+
+
+def check_attended_hook(state: PatchState):
+    """Base-model post-hook: every patched layer attended through the prefix in this forward. Else the installed
+    transformers routes attention past the patch (the prefix was silently left out): raise instead of returning."""
+    return functools.partial(_check_attended, state)
+
+
+def _check_attended(state: PatchState, base_model, args, kwargs, output):
+    call = kwargs.get(CALL_KWARG)
+    missing = sorted(set(state.slots.values()) - call.attended) if call is not None else []
+    if missing:
+        layers = state.encoder.config.layers
+        raise compat.LayoutError(f"the self-attention of layer(s) {[layers[slot] for slot in missing]} of "
+                                 f"{type(base_model).__name__} did not run through the patched attention")

@@ -30,9 +30,12 @@ import torch
 from torch import nn
 
 from ..ops.disentangled import DisentangledBias
+from . import compat
 from .base import ModelFamily, PrefixCall, bound_arguments, take_call
 
 SUPPORTED_POS_ATT_TYPES = ("c2p", "p2c")
+_ATTENTION_ARGUMENTS = ("hidden_states", "attention_mask", "output_attentions", "query_states", "relative_pos",
+                        "rel_embeddings")  # DisentangledSelfAttention.forward, which the patch replaces
 
 
 class _RelativePositions(torch.Tensor):
@@ -129,7 +132,7 @@ def _relayed_forward(relay: _CallRelay, forward, *args, **kwargs):
         relay.call = None
 
 
-def _attention_forward(family: "_DebertaFamily", module: nn.Module, slot: int, hidden_states, attention_mask,
+def _attention_forward(family: "_DebertaFamily", module: nn.Module, hidden_states, attention_mask,
                        output_attentions=False, query_states=None, relative_pos=None, rel_embeddings=None):
     """``DisentangledSelfAttention.forward`` (v1 and v2) with the prefix joined in the kernel and c2p + p2c as
     its ``disentangled_bias``. transformers' ``attention_mask`` (``m_i·m_j``) is not used: the call carries the
@@ -150,7 +153,7 @@ def _attention_forward(family: "_DebertaFamily", module: nn.Module, slot: int, h
         pos_key, pos_query = (None if projection is None else _heads(projection(embeddings), module, q.dtype)
                               for projection in family.relative_projections(module))
         disentangled = relative_pos.disentangled(span, pos_key, pos_query)
-    out = call.attend(slot, q, k, v, scale=1.0 / math.sqrt(q.shape[-1] * scale_factor),
+    out = call.attend(module, q, k, v, scale=1.0 / math.sqrt(q.shape[-1] * scale_factor),
                       dropout_p=module.dropout.p if module.training else 0.0, disentangled_bias=disentangled)
     return out.transpose(1, 2).flatten(2), None
 
@@ -172,8 +175,34 @@ class _DebertaFamily(ModelFamily):
             raise ValueError(f"patch_model supports config.pos_att_type made of distinct {SUPPORTED_POS_ATT_TYPES} "
                              f"for {self.name}; got {kinds}")
 
-    def patched_forward(self, module: nn.Module, slot: int):
-        return functools.partial(_attention_forward, self, module, slot)
+    def route_attention(self, module: nn.Module):
+        return _ReplacedForward(module, functools.partial(_attention_forward, self, module))
+
+    def check_layout(self, base_model: nn.Module) -> None:
+        """What the patch reads: the embeddings' and encoder's classes, the arguments and attributes its hooks use,
+        and the exact signature and attributes of the self-attention modules whose ``forward`` it replaces."""
+        super().check_layout(base_model)
+        module = self._module()
+        for part, class_name, arguments, attributes in (
+                ("embeddings", self.embeddings_class, ("input_ids", "position_ids", "inputs_embeds"),
+                 ("position_embeddings", "position_ids")),
+                ("encoder", self.encoder_class, ("hidden_states", "relative_pos", "query_states"), ("get_rel_pos",))):
+            cls = compat.require_module_class(module, class_name, part)
+            compat.require_instance(getattr(base_model, part, None), cls, f"{self.base_class}.{part}")
+            compat.require_parameters(cls.forward, arguments, f"{class_name}.forward")
+            compat.require_attributes(getattr(base_model, part), attributes, f"{self.base_class}.{part}")
+        attention_class = getattr(module, self.attention_class)
+        compat.require_exact_parameters(attention_class.forward, _ATTENTION_ARGUMENTS,
+                                        f"{self.attention_class}.forward")
+        for index, layer in enumerate(base_model.encoder.layer):
+            attention = layer.attention.self
+            compat.require_attributes(attention, self.attention_attributes(attention),
+                                      f"{self.attention_class} (layer {index})")
+
+    def attention_attributes(self, attention: nn.Module) -> list:
+        """The attributes of one self-attention module that the patched forward reads."""
+        names = ["pos_att_type", "relative_attention", "dropout", "num_attention_heads", "transpose_for_scores"]
+        return names + (["pos_dropout"] if getattr(attention, "relative_attention", False) else [])
 
     def input_hooks(self, base_model: nn.Module, prefix_len: int) -> list:
         return [_CallRelay(base_model)]
@@ -192,10 +221,31 @@ class _DebertaFamily(ModelFamily):
         layer's ``pos_att_type`` lacks the term."""
 
 
+class _ReplacedForward:
+    """The handle of one self-attention module whose instance ``forward`` is ``forward``; ``remove()`` deletes it
+    (the class's forward is back)."""
+
+    def __init__(self, module: nn.Module, forward):
+        self.module = module
+        module.forward = forward
+
+    def remove(self) -> None:
+        del self.module.forward
+
+
 class _DebertaV1(_DebertaFamily):
     name = "deberta"
     module_path = "transformers.models.deberta.modeling_deberta"
     base_class = "DebertaModel"
+    embeddings_class = "DebertaEmbeddings"
+    encoder_class = "DebertaEncoder"
+
+    def attention_attributes(self, attention):
+        names = super().attention_attributes(attention) + ["in_proj", "q_bias", "v_bias", "talking_head"]
+        if getattr(attention, "relative_attention", False):
+            kinds = getattr(attention, "pos_att_type", [])
+            names += ["max_relative_positions"] + ["pos_proj"] * ("c2p" in kinds) + ["pos_q_proj"] * ("p2c" in kinds)
+        return names
 
     def check_config(self, config) -> None:
         super().check_config(config)
@@ -222,6 +272,17 @@ class _DebertaV2(_DebertaFamily):
     name = "deberta-v2"
     module_path = "transformers.models.deberta_v2.modeling_deberta_v2"
     base_class = "DebertaV2Model"
+    embeddings_class = "DebertaV2Embeddings"
+    encoder_class = "DebertaV2Encoder"
+
+    def attention_attributes(self, attention):
+        names = super().attention_attributes(attention) + ["query_proj", "key_proj", "value_proj", "share_att_key"]
+        if getattr(attention, "relative_attention", False):
+            kinds = getattr(attention, "pos_att_type", [])
+            names.append("pos_ebd_size")
+            if not getattr(attention, "share_att_key", False):
+                names += ["pos_key_proj"] * ("c2p" in kinds) + ["pos_query_proj"] * ("p2c" in kinds)
+        return names
 
     def check_config(self, config) -> None:
         super().check_config(config)

@@ -21,16 +21,15 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from ..prefix_encoder import PrefixEncoder, load_prefix, prefix_from_flat, prefix_to_flat, save_prefix
+from .. import peft_adapter
+from ..prefix_encoder import PrefixEncoder, load_prefix, prefix_from_flat, save_prefix
 from .heads import SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
 
 BANK_INDEX = "tasks.json"
 BANK_FORMAT = "ptv2-prefix-bank"
 BANK_VERSION = 1
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = peft_adapter.ADAPTER_CONFIG
 PEFT_TASK_TYPES = {SEQUENCE_CLASSIFICATION: "SEQ_CLS", TOKEN_CLASSIFICATION: "TOKEN_CLS"}
-PEFT_MODEL_TYPES = ("bert", "roberta")
 THUDM_PLAIN_KEYS = {"embedding.weight"}
 THUDM_PROJECTION_KEYS = {"embedding.weight", "trans.0.weight", "trans.0.bias", "trans.2.weight", "trans.2.bias"}
 
@@ -130,76 +129,30 @@ def read_bank(server, directory) -> Dict[str, TaskCheckpoint]:
     return tasks
 
 
-# ---- PEFT adapters --------------------------------------------------------------------------------------
-def _check_peft_model(server, source) -> None:
-    model_type = server.model.config.model_type
-    if model_type not in PEFT_MODEL_TYPES:
-        raise ValueError(f"{source}: PEFT prefix tuning runs {PEFT_MODEL_TYPES} models only (PEFT refuses "
-                         f"{model_type!r}); use a save_prefix file, a bank or a P-Tuning v2 state dict")
-
-
+# ---- PEFT adapters (the format lives in ptv2_kernels.peft_adapter) -------------------------------------------
 def read_peft_adapter(server, directory) -> TaskCheckpoint:
-    """A PEFT prefix-tuning adapter directory (``prompt_embeddings`` and classifier weights, if any)."""
-    directory = Path(directory)
-    _check_peft_model(server, directory)
-    try:
-        config = json.loads((directory / PEFT_CONFIG).read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{directory} is not a PEFT adapter: cannot read {PEFT_CONFIG} ({error})") from None
-    if config.get("peft_type") != "PREFIX_TUNING":
-        raise ValueError(f"{directory} is a PEFT {config.get('peft_type')} adapter, not PREFIX_TUNING")
-    served, kind = server.prefix_config, server.head.kind
-    task_type = config.get("task_type")
-    if task_type not in (None, "FEATURE_EXTRACTION", *PEFT_TASK_TYPES.values()):
-        raise ValueError(f"{directory}: PEFT task_type {task_type!r} is not served (SEQ_CLS, TOKEN_CLS, "
-                         "FEATURE_EXTRACTION)")
-    pairs = {"num_layers": (config.get("num_layers"), served.num_hidden_layers),
-             "num_attention_heads": (config.get("num_attention_heads"), served.num_heads),
-             "token_dim": (config.get("token_dim"), served.hidden_size),
-             "num_virtual_tokens": (config.get("num_virtual_tokens"), served.prefix_len),
-             "num_transformer_submodules": (config.get("num_transformer_submodules", 1), 1)}
-    if task_type in PEFT_TASK_TYPES.values():  # a classification adapter needs the same kind of head
-        pairs["task_type"] = (task_type, PEFT_TASK_TYPES.get(kind))
-    _mismatch(directory, pairs)
+    """A PEFT prefix-tuning adapter directory (``prompt_embeddings`` and classifier weights, if any), checked
+    against the server: BERT/RoBERTa, its depth, heads, width, P and kind of head."""
+    served = server.prefix_config
+    adapter = peft_adapter.read_adapter(
+        directory, model_type=server.model.config.model_type, num_layers=served.num_hidden_layers,
+        num_heads=served.num_heads, hidden_size=served.hidden_size, prefix_len=served.prefix_len,
+        task_type=PEFT_TASK_TYPES.get(server.head.kind), head_name=server.head.module_name)
     _check_full_depth(server, directory)
-    weights = _load_state_file(directory / PEFT_WEIGHTS)
-    if "prompt_embeddings" not in weights:
-        raise ValueError(f"{directory / PEFT_WEIGHTS} has no 'prompt_embeddings' (keys: {sorted(weights)})")
-    head_prefix = f"base_model.{server.head.module_name}."
-    head = {k[len(head_prefix):]: v for k, v in weights.items()
-            if server.head.module_name and k.startswith(head_prefix)}
-    unexpected = sorted(set(weights) - {"prompt_embeddings"} - {head_prefix + k for k in head})
-    if unexpected:
-        raise ValueError(f"{directory / PEFT_WEIGHTS} has keys this server cannot use: {unexpected}")
-    return TaskCheckpoint(_from_flat(server, weights["prompt_embeddings"], directory), head or None)
+    return TaskCheckpoint(adapter.prefix, adapter.head)
 
 
 def write_peft_adapter(server, task: str, directory) -> None:
     """Export ``task`` as a PEFT 0.21 prefix-tuning adapter that ``PeftModel.from_pretrained`` loads on the
     server's (unpatched) model with identical outputs. Classification models get the task's effective
     classifier (its own or the model's) in ``modules_to_save``."""
-    from safetensors.torch import save_file
-
-    served = server.prefix_config
-    _check_peft_model(server, f"PEFT export of task {task!r}")
-    _check_full_depth(server, f"PEFT export of task {task!r}")
-    weights = {"prompt_embeddings": prefix_to_flat(server.task_prefix(task).float())}
-    head_name = server.head.module_name
-    if head_name is not None:
-        head = server.task_head(task) or server.head.module.state_dict()
-        weights.update({f"base_model.{head_name}.{k}": v for k, v in head.items()})
-    config = {
-        "peft_type": "PREFIX_TUNING", "task_type": PEFT_TASK_TYPES.get(server.head.kind, "FEATURE_EXTRACTION"),
-        "num_virtual_tokens": served.prefix_len, "num_layers": served.num_hidden_layers,
-        "num_attention_heads": served.num_heads, "token_dim": served.hidden_size,
-        "encoder_hidden_size": served.hidden_size, "num_transformer_submodules": 1, "prefix_projection": False,
-        "inference_mode": True, "modules_to_save": None if head_name is None else [head_name],
-        "base_model_name_or_path": getattr(server.model.config, "_name_or_path", None) or None, "revision": None,
-    }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()}, str(directory / PEFT_WEIGHTS))
-    (directory / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+    source = f"PEFT export of task {task!r}"
+    peft_adapter.check_model_type(server.model.config.model_type, source)
+    _check_full_depth(server, source)
+    head = None if server.head.module_name is None else server.task_head(task) or server.head.module.state_dict()
+    peft_adapter.write_adapter(directory, server.task_prefix(task).float(),
+                               task_type=PEFT_TASK_TYPES.get(server.head.kind, peft_adapter.FEATURE_EXTRACTION),
+                               head=head, name_or_path=server.model.__dict__.get("name_or_path"))
 
 
 # ---- P-Tuning v2 reference (THUDM) state dicts --------------------------------------------------------
