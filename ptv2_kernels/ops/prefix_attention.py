@@ -311,6 +311,7 @@ def prefix_attention_varlen(
     prefix_dropout_p: float = 0.0,
     backend: str = "auto",
     deterministic: bool = False,
+    disentangled_bias: Optional[DisentangledBias] = None,
 ) -> torch.Tensor:
     """:func:`prefix_attention` on sequences packed without padding (FlashAttention's varlen layout).
 
@@ -320,7 +321,12 @@ def prefix_attention_varlen(
             prefix.
         cu_seqlens: ``[B + 1]`` int32/int64 cumulative lengths, from 0 to total_tokens.
         max_seqlen: the longest row (computed from ``cu_seqlens`` if None).
-        Other arguments as :func:`prefix_attention` (no padding mask: there is no padding; no bias).
+        disentangled_bias: DeBERTa's c2p/p2c as for :func:`prefix_attention`, its index built for
+            N = ``max_seqlen``; the terms use query/column positions within each row. The Triton backend
+            gathers them per tile; the torch backend materialises them on its padded rows. With
+            ``deterministic`` reductions the Triton backend cannot give the relative embeddings a gradient
+            (their per-distance reduction uses atomics): it raises then.
+        Other arguments as :func:`prefix_attention` (no padding mask: there is no padding; no attn_bias).
         Dropout masks use the same counters as the padded op (query/column positions within the row).
 
     Returns:
@@ -333,15 +339,23 @@ def prefix_attention_varlen(
     _check_common(q, {"k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}, backend)
     cu_seqlens, max_seqlen = _check_cu_seqlens(q, cu_seqlens, max_seqlen)
     task_ids = _check_task_ids(q, cu_seqlens.shape[0] - 1, prefix_k, task_ids)
+    # checked as for padded rows of max_seqlen tokens (a zero-stride stand-in of q: shape, dtype, device)
+    disentangled = check_disentangled(q.new_empty(()).expand(1, q.shape[1], max_seqlen, q.shape[2]), disentangled_bias)
     options = _options(q.shape[-1], scale, dropout_p, prefix_dropout_p, deterministic, max_seqlen)
     prefix_k, prefix_v = _bank(prefix_k, prefix_v, backend)
     if backend == "torch":
         from .torch_backend import torch_prefix_attention_varlen
 
-        return torch_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options)
+        return torch_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options, disentangled)
     if backend == "cuda":
         raise ValueError("packed sequences (prefix_attention_varlen) are not supported by backend='cuda' yet; use "
                          "backend='triton' or 'torch'")
+    if (disentangled is not None and options.deterministic and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (disentangled.pos_key, disentangled.pos_query))):
+        raise ValueError("prefix_attention_varlen with disentangled_bias and deterministic reductions cannot "
+                         "differentiate the relative embeddings on backend='triton' (atomics); use backend='torch' "
+                         "or the padded prefix_attention")
     from .triton_backend import triton_prefix_attention
 
-    return triton_prefix_attention(q, k, v, prefix_k, prefix_v, None, task_ids, None, options, cu_seqlens)
+    return triton_prefix_attention(q, k, v, prefix_k, prefix_v, None, task_ids, None, options, cu_seqlens,
+                                   disentangled=disentangled)
