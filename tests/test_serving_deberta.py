@@ -133,7 +133,7 @@ def test_checkpoints(tmp_path):
         torch.testing.assert_close(a.output, b.output)
     load_task(again, "file", tmp_path / "bank" / "task-001.safetensors")
     torch.testing.assert_close(again.task_prefix("file"), server.task_prefix("task1"))
-    state = thudm_state(False)
+    state = thudm_state(False, backbone="deberta")
     load_task(again, "ref", state)
     torch.testing.assert_close(again.task_prefix("ref"), thudm_expected(state, False))
     with pytest.raises(ValueError, match="PEFT refuses 'deberta-v2'"):
