@@ -297,9 +297,11 @@ class PrefixServer:
         expected = self.prefix_shape
         if tuple(prefix.shape) != expected:
             names = ("prefixed layers L'", "key/value", "heads H", "prefix_len P", "head_dim D")
-            detail = [f"{n} {g} != {e}" for n, g, e in zip(names, prefix.shape, expected) if g != e]
+            detail = ", ".join(f"{n} {g} != {e}" for n, g, e in zip(names, prefix.shape, expected) if g != e)
+            if prefix.dim() != len(expected):
+                detail = f"wrong number of dimensions ({prefix.dim()} != {len(expected)})"
             raise ValueError(f"prefix of task {name!r}: shape {tuple(prefix.shape)} does not fit the server's "
-                             f"{expected} [L', 2, H, P, D]: {', '.join(detail) or 'wrong number of dimensions'}")
+                             f"{expected} [L', 2, H, P, D]: {detail}")
         if not torch.isfinite(prefix).all():
             raise ValueError(f"prefix of task {name!r} holds NaN or infinite values")
         if head is not None:
