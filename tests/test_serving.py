@@ -223,7 +223,7 @@ def test_serve_bench_mixed_rows_agree_with_the_peft_loop():
     """The mixed-task rows of ``ptv2-bench --mode serve`` run and match PEFT's adapter loop."""
     from ptv2_kernels.bench.configs import QUICK_SIZES
     from ptv2_kernels.bench.report import Progress
-    from ptv2_kernels.serving import bench
+    from ptv2_kernels.bench import mixed_tasks as bench
 
     sizes = QUICK_SIZES.__class__(batch=4, seq_lens=(16,), prefix_lens=(4,), warmup=1, repeats=1)
     rows, _ = bench.run("bert-base", sizes, torch.float32, torch.device("cpu"), ["fused-torch", "peft"],

@@ -199,7 +199,7 @@ def run(mode, model_name, sizes, dtype, device, providers, progress, quick):
                              ms=ms, peak_mb=peak, max_err=err))
         del model, call
     if mode == "serve":  # 16-task mixed batches, the PEFT adapter loop and PrefixServer on the same batch
-        from ..serving import bench as serving_bench
+        from . import mixed_tasks as serving_bench
 
         r, s = serving_bench.run(model_name, sizes, dtype, device, providers, progress, quick)
         rows += r
