@@ -225,7 +225,10 @@ class PrefixServer:
             self.max_length = min(self.max_length, tokenizer.model_max_length)
         self._slots: Dict[str, int] = {}
         self._heads: Dict[str, Optional[dict]] = {}
-        self._lock = threading.RLock()  # the bank and the model: held while a batch runs or the bank changes
+        # the model and the bank tensor: held while a batch runs or the bank is written; the name -> slot/head
+        # tables: held briefly (so request preparation on an event loop never waits for a forward); order: model, tasks
+        self._model_lock = threading.RLock()
+        self._tasks_lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()  # fast tokenizers must not be called from two threads at once
         self._cond = threading.Condition()  # the batcher's queue
         self._pending: Deque[_Item] = deque()
@@ -247,7 +250,7 @@ class PrefixServer:
 
     def tasks(self) -> List[str]:
         """Names of the served tasks, in the order they were added."""
-        with self._lock:
+        with self._tasks_lock:
             return list(self._slots)
 
     def add_task(self, name: str, prefix: torch.Tensor, head: Optional[Dict[str, torch.Tensor]] = None, *,
@@ -271,7 +274,7 @@ class PrefixServer:
             if not isinstance(value, tuple) or len(value) != 2:
                 raise TypeError(f"tasks[{name!r}] must be a (prefix, head or None) pair, got {_type_name(value)}")
             checked[name] = self.check_task(name, *value)
-        with self._lock:
+        with self._model_lock, self._tasks_lock:
             clashes = sorted(set(checked) & set(self._slots))
             if clashes and not replace:
                 raise ValueError(f"tasks {clashes} already exist; pass replace=True or remove_task them first")
@@ -326,18 +329,18 @@ class PrefixServer:
 
     def remove_task(self, name: str) -> None:
         """Stop serving ``name`` and free its slot; queued requests for it then fail as unknown."""
-        with self._lock:
+        with self._model_lock, self._tasks_lock:
             self.encoder.prefix[self._slot(name)].zero_()
             del self._slots[name], self._heads[name]
 
     def task_prefix(self, name: str) -> torch.Tensor:
         """A copy of task ``name``'s compact prefix ``[L', 2, H, P, D]``."""
-        with self._lock:
+        with self._tasks_lock:  # the bank is written with both locks held
             return self.encoder.prefix[self._slot(name)].clone()
 
     def task_head(self, name: str) -> Optional[Dict[str, torch.Tensor]]:
         """Task ``name``'s own head weights, or None if it uses the model's head."""
-        with self._lock:
+        with self._tasks_lock:
             self._slot(name)
             return self._heads[name]
 
@@ -386,7 +389,7 @@ class PrefixServer:
         for lazy initialisation (kernel compilation, allocator growth)."""
         length = min(8, self.max_length)
         item = _Item(0, Request("warm-up", input_ids=[0] * length), ids=[0] * length)
-        with self._lock:
+        with self._model_lock:
             self._forward([item], torch.zeros(1, dtype=torch.long, device=self.device))
 
     def close(self) -> None:
@@ -480,7 +483,7 @@ class PrefixServer:
         """One item per request with its token ids, or with an error result (unknown task, no tokenizer,
         ids outside the vocabulary, too long, the tokenizer failed on it)."""
         items = [_Item(i, r) for i, r in enumerate(requests)]
-        with self._lock:
+        with self._tasks_lock:
             known = list(self._slots)
         texts = []
         for item in items:
@@ -573,15 +576,18 @@ class PrefixServer:
     def _run_batch(self, batch: List[_Item]) -> None:
         """One mixed-task forward of ``batch``; tasks removed since the request was queued get an error."""
         start = time.perf_counter()
-        with self._lock:
-            known = [item for item in batch if item.request.task in self._slots]
-            for item in batch:
-                if item.request.task not in self._slots:
-                    item.fail(UNKNOWN_TASK, f"unknown task {item.request.task!r}; served tasks: {list(self._slots)}")
+        with self._model_lock:
+            with self._tasks_lock:
+                known = [item for item in batch if item.request.task in self._slots]
+                for item in batch:
+                    if item.request.task not in self._slots:
+                        item.fail(UNKNOWN_TASK, f"unknown task {item.request.task!r}; served tasks: "
+                                                f"{list(self._slots)}")
+                slots = [self._slots[i.request.task] for i in known]
+                heads = [self._heads[i.request.task] for i in known]
             if not known:
                 return
-            task_ids = torch.tensor([self._slots[i.request.task] for i in known], device=self.device)
-            heads = [self._heads[i.request.task] for i in known]
+            task_ids = torch.tensor(slots, device=self.device)
             tokens, cu_seqlens = self._forward(known, task_ids)
             outputs = [output.float().cpu() for output in self.head(tokens, cu_seqlens, heads)]
         for item, output in zip(known, outputs):
