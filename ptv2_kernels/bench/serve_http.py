@@ -162,13 +162,15 @@ def _http(address, work, concurrency: int, duration_s: float):
     return result
 
 
-def _row(mode, concurrency, latencies, seconds, errors, load_before) -> dict:
+def _row(mode, concurrency, latencies, seconds, errors, load_before, batches) -> dict:
     latencies = sorted(latencies)
     count = len(latencies)
     quantile = (lambda q: 1e3 * latencies[min(count - 1, int(q * count))])
     return {"mode": mode, "concurrency": concurrency, "requests": count, "seconds": seconds,
             "requests_per_s": count / seconds, "sequences_per_s": count / seconds, "p50_ms": quantile(0.50),
             "p99_ms": quantile(0.99), "mean_ms": 1e3 * statistics.fmean(latencies), "errors": errors,
+            "rows_per_batch": statistics.fmean(b.rows for b in batches) if batches else None,
+            "tokens_per_batch": statistics.fmean(b.tokens for b in batches) if batches else None,
             "load_avg_1m": [load_before, os.getloadavg()[0]]}
 
 
@@ -199,7 +201,8 @@ def run(args, device: torch.device, dtype: torch.dtype, argv: List[str]) -> dict
     server = HTTPServer(app, "127.0.0.1", 0, timeout_s=120.0, on_started=lambda h, p: bound.set())
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    rows, ratios, errors = [], {}, {}
+    rows, ratios, errors, batches = [], {}, {}, []
+    engine.on_batch(batches.append)
     try:
         if not bound.wait(120):
             raise RuntimeError("the HTTP server did not start")
@@ -207,15 +210,17 @@ def run(args, device: torch.device, dtype: torch.dtype, argv: List[str]) -> dict
         _http(server.address, work, 16, WARMUP_S)
         for level in levels:
             load = os.getloadavg()[0]
-            runs = {"in-process": [], "http": []}
+            runs, batched = {"in-process": [], "http": []}, {"in-process": [], "http": []}
             for mode in ABBA:  # half the duration each, so a drift of the shared machine's load cancels
+                first = len(batches)
                 if mode == "http":
                     runs[mode].append(_http(server.address, work, level, duration / 2))
                 else:
                     runs[mode].append(_in_process(engine, work, level, duration / 2))
+                batched[mode] += batches[first:]
             for mode, parts in runs.items():
                 rows.append(_row(mode, level, [x for part in parts for x in part[0]], sum(p[1] for p in parts),
-                                 sum(p[2] for p in parts), load))
+                                 sum(p[2] for p in parts), load, batched[mode]))
             ratios[level] = rows[-1]["requests_per_s"] / rows[-2]["requests_per_s"]
             errors[level] = _check(engine, work, {**runs["http"][0][3], **runs["http"][1][3]})
     finally:
@@ -233,11 +238,12 @@ def run(args, device: torch.device, dtype: torch.dtype, argv: List[str]) -> dict
 
 
 def table(doc: dict) -> str:
-    lines = ["| mode | clients | requests | requests/s | sequences/s | p50 ms | p99 ms | errors | load 1m |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| mode | clients | requests | requests/s | sequences/s | p50 ms | p99 ms | rows/batch | tokens/batch | "
+             "errors | load 1m |", "| --- " * 11 + "|"]
     for r in doc["rows"]:
         lines.append(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.1f} | "
-                     f"{r['sequences_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
+                     f"{r['sequences_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                     f"{r['rows_per_batch'] or 0:.1f} | {r['tokens_per_batch'] or 0:.0f} | {r['errors']} | "
                      f"{r['load_avg_1m'][0]:.1f}-{r['load_avg_1m'][1]:.1f} |")
     ratios = ", ".join(f"{k} clients {v:.2f}" for k, v in doc["http_over_in_process"].items())
     return "\n".join(lines) + f"\n\nHTTP / in-process throughput: {ratios}\n"
