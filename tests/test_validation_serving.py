@@ -256,6 +256,9 @@ def test_good_bank_still_loads(server, bank):
     (lambda s: load_task(s, "new", 123), TypeError, "source"),
     (lambda s: load_task(s, "new", {"embedding.weight": torch.zeros(4, 128)}, head="yes"), TypeError, "head"),
     (lambda s: load_task(s, 5, {"embedding.weight": torch.zeros(4, 128)}), TypeError, "name"),
+    (lambda s: load_task("server", "new", {"embedding.weight": torch.zeros(4, 128)}), TypeError, "server"),
+    (lambda s: load_bank(s, 3), TypeError, "directory"),
+    (lambda s: save_bank(s, None), TypeError, "directory"),
 ])
 def test_bad_load_arguments(server, call, error, match):
     before = snapshot(server)

@@ -79,6 +79,17 @@ def _from_flat(server, flat: torch.Tensor, source) -> torch.Tensor:
     return prefix_from_flat(flat.float(), config.num_hidden_layers, config.num_heads).contiguous()
 
 
+def _check_arguments(server, **paths) -> None:
+    """TypeError naming the argument: ``server`` must be a PrefixServer, each of ``paths`` a path."""
+    from .engine import PrefixServer
+
+    if not isinstance(server, PrefixServer):
+        raise TypeError(f"server must be a PrefixServer, got {type(server).__name__}")
+    for name, value in paths.items():
+        if not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
+
+
 def _checked(server, checkpoint: TaskCheckpoint, source) -> TaskCheckpoint:
     """``checkpoint`` as the server's bank stores it, after every check of :meth:`PrefixServer.check_task`."""
     try:
@@ -110,6 +121,7 @@ def save_bank(server, directory) -> None:
     file (and its head weights, if it has its own)."""
     from safetensors.torch import save_file
 
+    _check_arguments(server, directory=directory)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(server.prefix_config, num_tasks=1)
@@ -157,6 +169,7 @@ def _bank_entry(directory: Path, entry, where: str) -> tuple:
 def read_bank(server, directory) -> Dict[str, TaskCheckpoint]:
     """Every task of a :func:`save_bank` directory, each file read and checked against the server (nothing is
     loaded); CheckpointError naming the file (and the entry and field of ``tasks.json``)."""
+    _check_arguments(server, directory=directory)
     directory = Path(directory)
     index_path = directory / BANK_INDEX
     try:
@@ -368,6 +381,7 @@ def read_task(server, source, *, head: bool = True) -> TaskCheckpoint:
     """Read one task in any format above (detected from ``source``: a path or a state dict), checked against
     ``server`` (nothing is loaded). ``head``: also the task's own head weights when the checkpoint holds them
     (default; False: the prefix alone, the task then uses the model's head). CheckpointError naming the file."""
+    _check_arguments(server)
     if not isinstance(head, bool):
         raise TypeError(f"head must be a bool, got {type(head).__name__} {head!r}")
     if not isinstance(source, (dict, str, os.PathLike)):
@@ -416,6 +430,8 @@ def _has_prefix_metadata(path: Path) -> bool:
 
 def load_task(server, name: str, source, *, replace: bool = False, head: bool = True) -> None:
     """Read ``source`` (see :func:`read_task`) and serve it as task ``name``: all or nothing."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty string, got {type(name).__name__} {name!r}")
     checkpoint = read_task(server, source, head=head)
     server.add_task(name, checkpoint.prefix, checkpoint.head, replace=replace)
 
