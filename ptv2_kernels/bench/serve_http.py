@@ -28,6 +28,7 @@ import shlex
 import statistics
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
@@ -82,6 +83,20 @@ def workload(tokenizer, count: int = WORKLOAD, seed: int = 0) -> List[tuple]:
             for _ in range(count)]
 
 
+@dataclass
+class _Run:
+    """One closed-loop run: every request's latency (s), its wall seconds, non-200 answers, the first CHECKED
+    answer bodies by request index, CPU seconds of the server process (in-process: with its load generator)
+    and of the HTTP client process during the loop."""
+
+    latencies: List[float]
+    seconds: float
+    errors: int = 0
+    answers: dict = field(default_factory=dict)
+    server_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+
+
 async def _closed_loop(send, concurrency: int, duration_s: float):
     """``concurrency`` clients calling ``await send(i)`` back to back for ``duration_s``: (latencies, seconds)."""
     loop = asyncio.get_running_loop()
@@ -108,12 +123,13 @@ def _in_process(engine, work, concurrency: int, duration_s: float):
         if result.error is not None:
             raise RuntimeError(f"in-process request {index} failed: {result.error}")
 
-    return asyncio.run(_closed_loop(send, concurrency, duration_s)) + (0, {})
+    latencies, seconds = asyncio.run(_closed_loop(send, concurrency, duration_s))
+    return _Run(latencies, seconds)
 
 
 def _http_client(host: str, port: int, work, concurrency: int, duration_s: float, connection) -> None:
     """The load generator (a spawned process): closed loop over keep-alive connections with hand-written
-    HTTP/1.1; sends back (latencies, seconds, non-200 answers, the first CHECKED bodies by request index)."""
+    HTTP/1.1; sends back its :class:`_Run`."""
     requests = []
     for task, text in work:
         body = json.dumps({"task": task, "inputs": [{"text": text}]}).encode()
@@ -139,13 +155,14 @@ def _http_client(host: str, port: int, work, concurrency: int, duration_s: float
             if index < CHECKED:
                 answers[index] = body
 
-        result = await _closed_loop(send, concurrency, duration_s)
+        start = time.process_time()
+        latencies, seconds = await _closed_loop(send, concurrency, duration_s)
+        cpu = time.process_time() - start
         for _, writer in streams:
             writer.close()
-        return result
+        return _Run(latencies, seconds, errors[0], answers, client_cpu_s=cpu)
 
-    latencies, seconds = asyncio.run(run())
-    connection.send((latencies, seconds, errors[0], answers))
+    connection.send(asyncio.run(run()))
     connection.close()
 
 
@@ -162,13 +179,16 @@ def _http(address, work, concurrency: int, duration_s: float):
     return result
 
 
-def _row(mode, concurrency, latencies, seconds, errors, load_before, batches) -> dict:
-    latencies = sorted(latencies)
+def _row(mode, concurrency, runs: List["_Run"], load_before, batches) -> dict:
+    latencies = sorted(x for run in runs for x in run.latencies)
+    seconds, errors = sum(r.seconds for r in runs), sum(r.errors for r in runs)
     count = len(latencies)
     quantile = (lambda q: 1e3 * latencies[min(count - 1, int(q * count))])
     return {"mode": mode, "concurrency": concurrency, "requests": count, "seconds": seconds,
             "requests_per_s": count / seconds, "sequences_per_s": count / seconds, "p50_ms": quantile(0.50),
             "p99_ms": quantile(0.99), "mean_ms": 1e3 * statistics.fmean(latencies), "errors": errors,
+            "server_cpu_ms_per_request": 1e3 * sum(r.server_cpu_s for r in runs) / count,
+            "client_cpu_ms_per_request": 1e3 * sum(r.client_cpu_s for r in runs) / count,
             "rows_per_batch": statistics.fmean(b.rows for b in batches) if batches else None,
             "tokens_per_batch": statistics.fmean(b.tokens for b in batches) if batches else None,
             "load_avg_1m": [load_before, os.getloadavg()[0]]}
@@ -212,17 +232,18 @@ def run(args, device: torch.device, dtype: torch.dtype, argv: List[str]) -> dict
             load = os.getloadavg()[0]
             runs, batched = {"in-process": [], "http": []}, {"in-process": [], "http": []}
             for mode in ABBA:  # half the duration each, so a drift of the shared machine's load cancels
-                first = len(batches)
+                first, cpu = len(batches), time.process_time()
                 if mode == "http":
-                    runs[mode].append(_http(server.address, work, level, duration / 2))
+                    run_ = _http(server.address, work, level, duration / 2)
                 else:
-                    runs[mode].append(_in_process(engine, work, level, duration / 2))
+                    run_ = _in_process(engine, work, level, duration / 2)
+                run_.server_cpu_s = time.process_time() - cpu
+                runs[mode].append(run_)
                 batched[mode] += batches[first:]
             for mode, parts in runs.items():
-                rows.append(_row(mode, level, [x for part in parts for x in part[0]], sum(p[1] for p in parts),
-                                 sum(p[2] for p in parts), load, batched[mode]))
+                rows.append(_row(mode, level, parts, load, batched[mode]))
             ratios[level] = rows[-1]["requests_per_s"] / rows[-2]["requests_per_s"]
-            errors[level] = _check(engine, work, {**runs["http"][0][3], **runs["http"][1][3]})
+            errors[level] = _check(engine, work, {k: v for r in runs["http"] for k, v in r.answers.items()})
     finally:
         server.stop()
         thread.join(timeout=120)
@@ -239,11 +260,12 @@ def run(args, device: torch.device, dtype: torch.dtype, argv: List[str]) -> dict
 
 def table(doc: dict) -> str:
     lines = ["| mode | clients | requests | requests/s | sequences/s | p50 ms | p99 ms | rows/batch | tokens/batch | "
-             "errors | load 1m |", "| --- " * 11 + "|"]
+             "server CPU ms/req | client CPU ms/req | errors | load 1m |", "| --- " * 13 + "|"]
     for r in doc["rows"]:
         lines.append(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.1f} | "
                      f"{r['sequences_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                     f"{r['rows_per_batch'] or 0:.1f} | {r['tokens_per_batch'] or 0:.0f} | {r['errors']} | "
+                     f"{r['rows_per_batch'] or 0:.1f} | {r['tokens_per_batch'] or 0:.0f} | "
+                     f"{r['server_cpu_ms_per_request']:.1f} | {r['client_cpu_ms_per_request']:.2f} | {r['errors']} | "
                      f"{r['load_avg_1m'][0]:.1f}-{r['load_avg_1m'][1]:.1f} |")
     ratios = ", ".join(f"{k} clients {v:.2f}" for k, v in doc["http_over_in_process"].items())
     return "\n".join(lines) + f"\n\nHTTP / in-process throughput: {ratios}\n"
