@@ -5,12 +5,10 @@ behind Ray's proxy on 127.0.0.1 answer every request as the single-process serve
 import ptv2_kernels  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported on a CPU machine)
 
 import asyncio
-import os
 import socket
 from pathlib import Path
 
 import pytest
-import torch
 
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 httpx = pytest.importorskip("httpx")
@@ -18,8 +16,8 @@ httpx = pytest.importorskip("httpx")
 from ptv2_kernels.serving import cli  # noqa: E402
 from ptv2_kernels.serving.checkpoints import save_bank  # noqa: E402
 
-from .test_serving import TOL, make_server, random_requests  # noqa: E402
-from .test_serving_http import body_of, assert_same  # noqa: E402
+from .test_serving import make_server, random_requests  # noqa: E402
+from .test_serving_http import assert_same, body_of  # noqa: E402
 
 TIMEOUT_S = 120
 ROOT = Path(__file__).resolve().parents[1]

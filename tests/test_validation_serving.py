@@ -315,3 +315,21 @@ def test_a_text_that_breaks_the_tokenizer_fails_alone():
     assert bad.code == INVALID_INPUT and "cannot tokenize" in bad.error
     alone = server.predict([Request("t", input_ids=[2, 4, 7, 11, 2])])[0]
     torch.testing.assert_close(good.output, alone.output)
+
+
+def test_bad_requests_are_answered_on_submit_without_queueing():
+    """Validation on submit: a bad request never reaches the batcher (its future is done at once, nothing queued),
+    while a good one waits for its batch (max_wait_ms)."""
+    server, _ = make_server("bert", "ForSequenceClassification", packed=True, max_wait_ms=2000)
+    try:
+        bad = [server.submit(Request("missing", input_ids=[3])), server.submit(Request("task0", input_ids=[3, 999])),
+               server.submit(Request("task0", input_ids=list(range(2, 3 + server.max_length)))),
+               server.submit(Request("task0", text="no tokenizer"))]
+        assert all(f.done() for f in bad) and server.queue_depth == 0
+        assert [f.result().code for f in bad] == [UNKNOWN_TASK, INVALID_INPUT, INVALID_INPUT, INVALID_INPUT]
+        good = server.submit(Request("task0", input_ids=[3, 4]))
+        assert not good.done() and server.queue_depth == 1
+        torch.testing.assert_close(good.result(timeout=60).output,
+                                   server.predict([Request("task0", input_ids=[3, 4])])[0].output, **TOL)
+    finally:
+        server.close()

@@ -175,7 +175,8 @@ def read_bank(server, directory) -> Dict[str, TaskCheckpoint]:
     try:
         index = json.loads(index_path.read_text())
     except OSError as error:
-        raise CheckpointError(f"{directory} is not a prefix bank directory: cannot read {BANK_INDEX} ({error})") from None
+        raise CheckpointError(f"{directory} is not a prefix bank directory: cannot read {BANK_INDEX} "
+                              f"({error})") from None
     except ValueError as error:
         raise CheckpointError(f"{index_path} is not valid JSON: {error}") from None
     if not isinstance(index, dict) or index.get("format") != BANK_FORMAT or index.get("version") != BANK_VERSION:

@@ -204,7 +204,8 @@ class PrefixServer:
         if packed is not None and not isinstance(packed, bool):
             raise TypeError(f"packed must be True, False or None, got {_type_name(packed)} {packed!r}")
         if tokenizer is not None and not callable(tokenizer):
-            raise TypeError(f"tokenizer must be a transformers tokenizer (callable) or None, got {_type_name(tokenizer)}")
+            raise TypeError(f"tokenizer must be a transformers tokenizer (callable) or None, got "
+                            f"{_type_name(tokenizer)}")
         self.head = Head(model)  # TypeError for an unsupported model, before anything is patched
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -537,7 +538,8 @@ class PrefixServer:
             item.fail(INVALID_INPUT, "input_ids is empty")
         elif len(ids) > self.max_length:
             item.fail(INVALID_INPUT, f"input has {len(ids)} tokens, at most {self.max_length} fit (server.max_length, "
-                                     "from max_position_embeddings and prefix_len); send text to truncate, or shorten it")
+                                     "from max_position_embeddings and prefix_len); send text to truncate, or "
+                                     "shorten it")
         elif not all(0 <= t < vocab for t in ids):
             item.fail(INVALID_INPUT, f"input_ids must be integers in [0, {vocab}) (vocab_size)")
         elif types and request.token_type_ids is not None and not all(0 <= t < types for t in request.token_type_ids):

@@ -181,7 +181,8 @@ class Metrics:
 
 
 class _Middleware:
-    """Pure ASGI, around the routes: the body size limit (413 before the app sees an oversized body) and the HTTP metrics."""
+    """Pure ASGI, around the routes: the body size limit (413 before the app sees an oversized body) and the HTTP
+    metrics."""
 
     def __init__(self, app, metrics: Metrics, max_body_bytes: int, paths):
         self.app, self.metrics, self.max_body_bytes, self.paths = app, metrics, max_body_bytes, paths
