@@ -168,7 +168,7 @@ def test_bad_requests_get_errors_others_are_served():
 def test_batches_follow_the_token_budget():
     server, _ = make_server("bert", "ForSequenceClassification", packed=False, max_batch_tokens=20,
                             max_batch_size=3)
-    items = server._tokenize(random_requests(server.tasks(), count=10))
+    items = server._prepare(random_requests(server.tasks(), count=10))
     batches = server._plan(items)
     assert [len(i.ids) for b in batches for i in b] == sorted(len(i.ids) for i in items)
     assert all(len(b) <= 3 and (len(b) == 1 or len(b) * len(b[-1].ids) <= 20) for b in batches)
@@ -223,7 +223,7 @@ def test_serve_bench_mixed_rows_agree_with_the_peft_loop():
     """The mixed-task rows of ``ptv2-bench --mode serve`` run and match PEFT's adapter loop."""
     from ptv2_kernels.bench.configs import QUICK_SIZES
     from ptv2_kernels.bench.report import Progress
-    from ptv2_kernels.serving import bench
+    from ptv2_kernels.bench import mixed_tasks as bench
 
     sizes = QUICK_SIZES.__class__(batch=4, seq_lens=(16,), prefix_lens=(4,), warmup=1, repeats=1)
     rows, _ = bench.run("bert-base", sizes, torch.float32, torch.device("cpu"), ["fused-torch", "peft"],

@@ -189,8 +189,9 @@ def test_save_prefix_file_with_projection_is_evaluated_once(tmp_path):
         load_task(depth, "p", tmp_path / "proj.safetensors")
 
 
-def thudm_state(projection, hidden=32, layers=2, prefix_hidden=24, seed=7):
-    """A reference ``BertPrefixForSequenceClassification``-style state dict (``prefix_encoder.*`` and other keys)."""
+def thudm_state(projection, hidden=32, layers=2, prefix_hidden=24, seed=7, backbone="bert"):
+    """A reference ``BertPrefixForSequenceClassification``-style state dict (``prefix_encoder.*`` and a backbone key
+    that the served model lacks)."""
     torch.manual_seed(seed)
     if projection:
         module = nn.ModuleDict({"embedding": nn.Embedding(PREFIX_LEN, hidden), "trans": nn.Sequential(
@@ -198,7 +199,7 @@ def thudm_state(projection, hidden=32, layers=2, prefix_hidden=24, seed=7):
     else:
         module = nn.ModuleDict({"embedding": nn.Embedding(PREFIX_LEN, 2 * layers * hidden)})
     state = {f"prefix_encoder.{k}": v for k, v in module.state_dict().items()}
-    state["bert.pooler.dense.bias"] = torch.zeros(hidden)
+    state[f"{backbone}.unused.bias"] = torch.zeros(hidden)
     return state
 
 

@@ -1,7 +1,8 @@
-"""PrefixServer on tiny random DeBERTa (v1) and DeBERTa-v2 models (CPU, no downloads), always padded: mixed-task
-batches equal each row run alone through its own single-prefix patched model, per-task pooler + classifier,
-bad requests, checkpoints (save_prefix files, banks, P-Tuning v2 state dicts; PEFT refused) and the packed
-option."""
+"""PrefixServer on tiny random DeBERTa (v1) and DeBERTa-v2 models (CPU, no downloads), packed (the default) and
+padded: mixed-task batches equal each row run alone through its own single-prefix patched model, packed equals the
+padded patched model on both backends (v2's convolution layer, log buckets, c2p or p2c alone, span < N, prompt
+depth), per-task pooler + classifier, bad requests, checkpoints (save_prefix files, banks, P-Tuning v2 state
+dicts; PEFT refused)."""
 
 import ptv2_kernels  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported on a CPU machine)
 
@@ -35,11 +36,12 @@ def with_head(model, head):
     return model
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("config", CONFIGS)
-def test_mixed_batch_equals_each_row_alone(config, head):
-    server, reference = serve(tiny_model(config, head))
-    assert not server.packed
+def test_mixed_batch_equals_each_row_alone(config, head, packed):
+    server, reference = serve(tiny_model(config, head), packed=None if packed else False)
+    assert server.packed == packed
     requests = random_requests(server.tasks())
     for request, result in zip(requests, server.predict(requests)):
         assert result.error is None and result.num_tokens == len(request.input_ids)
@@ -81,10 +83,38 @@ def test_bad_requests_get_errors_others_are_served(config, max_length):
         torch.testing.assert_close(result.output, server.predict([request])[0].output, **TOL)
 
 
-def test_packed_is_bert_and_roberta_only():
-    with pytest.raises(ValueError, match="'deberta-v2' model is served padded"):
-        PrefixServer(tiny_model("v2-share-buckets"), PREFIX_LEN, packed=True)
-    assert not PrefixServer(tiny_model("v1"), PREFIX_LEN, packed=False).packed
+def lively(model, seed=5):
+    """``model`` with every weight matrix redrawn at std 0.3: at transformers' std 0.02 the relative terms and the
+    convolution change the outputs by less than the tolerance, so a packed walk without them would pass."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("config,layers", [("v1", None), ("v2-share-buckets", None), ("v1-span4-c2p", [1]),
+                                           ("v2-p2c-buckets", [0])],
+                         ids=["v1", "v2-conv-buckets", "v1-span<N-c2p-depth1", "v2-p2c-depth0"])
+def test_packed_equals_padded_patched_model(config, layers, backend):
+    """Packed (varlen kernels, relative terms by positions within each row, v2's conv with zero gaps) against the
+    padded patched model on the torch backend, which test_patch_deberta checks against transformers."""
+    padded, _ = serve(lively(tiny_model(config, "ForTokenClassification")), packed=False, backend="torch",
+                      layers=layers)
+    packed, _ = serve(lively(tiny_model(config, "ForTokenClassification")), backend=backend, layers=layers)
+    assert packed.packed and not padded.packed
+    requests = random_requests(padded.tasks(), count=7, seed=11)
+    requests += [Request("task1", input_ids=[5, 1, 7, 9, 1], token_type_ids=[0, 0, 1, 1, 1]),  # pad ids inside
+                 Request("task2", input_ids=[4]), Request("task0", input_ids=list(range(2, 2 + padded.max_length)))]
+    for a, b in zip(padded.predict(requests), packed.predict(requests)):
+        assert a.error is None and b.error is None
+        torch.testing.assert_close(b.output, a.output, **TOL)
+
+
+def test_server_argument_checks():
+    assert PrefixServer(tiny_model("v1"), PREFIX_LEN, packed=False).packed is False
     with pytest.raises(TypeError, match="ForSequenceClassification"):
         PrefixServer(tiny_model("v1", "ForQuestionAnswering"), PREFIX_LEN)
 
@@ -103,7 +133,7 @@ def test_checkpoints(tmp_path):
         torch.testing.assert_close(a.output, b.output)
     load_task(again, "file", tmp_path / "bank" / "task-001.safetensors")
     torch.testing.assert_close(again.task_prefix("file"), server.task_prefix("task1"))
-    state = thudm_state(False)
+    state = thudm_state(False, backbone="deberta")
     load_task(again, "ref", state)
     torch.testing.assert_close(again.task_prefix("ref"), thudm_expected(state, False))
     with pytest.raises(ValueError, match="PEFT refuses 'deberta-v2'"):

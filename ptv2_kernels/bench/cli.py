@@ -9,10 +9,10 @@ from typing import List, Optional
 
 import torch
 
-from . import kernel, model, report
+from . import kernel, mixed_tasks, model, report, serve_http
 from .configs import DEFAULT_MODEL, DEFAULT_SIZES, MODEL_CONFIGS, QUICK_SIZES, heads_and_dim
 
-MODES = ("kernel", "train", "serve", "all")
+MODES = ("kernel", "train", "serve", "all", "serve-http")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROVIDERS = tuple(dict.fromkeys((*kernel.PROVIDERS, *model.PROVIDERS)))
 
@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="kernel",
                    help="kernel: one attention layer fwd and fwd+bwd; train: one prefix-training step of a "
                         "whole model; serve: inference sequences/s incl. a mixed-task batch; all: every mode "
-                        "(default: kernel)")
+                        "above; serve-http: the HTTP server under load vs the in-process engine (default: kernel)")
     p.add_argument("--model", choices=sorted(MODEL_CONFIGS), default=DEFAULT_MODEL,
                    help=f"embedded config, random weights (default: {DEFAULT_MODEL})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -65,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small CPU-sized shapes, under a minute")
     p.add_argument("--out", type=Path, help="write results.json, results.md and PNG plots here")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    serve_http.add_arguments(p)
     return p
 
 
@@ -91,6 +92,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     device = _device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.mode == "serve-http":
+        return serve_http.main(args, device, dtype, argv)
     sizes = _sizes(args, device)
     max_positions = MODEL_CONFIGS[args.model]["max_position_embeddings"]
     seq, prefix = sizes.seq_lens[0], sizes.prefix_lens[0]  # the model modes' case
@@ -109,6 +112,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             r, s = model.run(mode, args.model, sizes, dtype, device, args.providers, progress, quick=args.quick)
             rows += r
             skipped += s
+    if args.mode in ("serve", "all"):  # 16-task mixed batches, the PEFT adapter loop, PrefixServer on one batch
+        r, s = mixed_tasks.run(args.model, sizes, dtype, device, args.providers, progress, args.quick)
+        rows += r
+        skipped += s
     progress.close()
     doc = report.results(device, "ptv2-bench " + shlex.join(argv), rows, skipped)
     print(f"device: {doc['device']}, torch {doc['torch']}, commit {doc['commit']}")

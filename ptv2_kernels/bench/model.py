@@ -220,10 +220,4 @@ def run(mode, model_name, sizes, dtype, device, providers, progress, quick):
         rows.append(make_row(bench, provider, model_name, sizes.batch, heads, seq, prefix_len, dim, dtype,
                              ms=ms, peak_mb=peak, max_err=err))
         del model, call
-    if mode == "serve":  # 16-task mixed batches, the PEFT adapter loop and PrefixServer on the same batch
-        from ..serving import bench as serving_bench
-
-        r, s = serving_bench.run(model_name, sizes, dtype, device, providers, progress, quick)
-        rows += r
-        skipped += s
     return rows, skipped

@@ -10,8 +10,8 @@ import torch
 from .common import Dropout, Options
 from .disentangled import DisentangledBias, bias_matrix
 from .validation import (KERNEL_DTYPES, KERNEL_HEAD_DIMS, TORCH_DTYPES, Support, check_cu_seqlens,
-                         check_dtypes_and_devices, check_flag, check_padded_call, check_prefix, check_probability,
-                         check_qkv, check_scale, check_task_ids, prefix_bank)
+                         check_disentangled, check_dtypes_and_devices, check_flag, check_padded_call, check_prefix,
+                         check_probability, check_qkv, check_scale, check_task_ids, prefix_bank)
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
@@ -176,6 +176,7 @@ def prefix_attention_varlen(
     prefix_dropout_p: float = 0.0,
     backend: str = "auto",
     deterministic: bool = False,
+    disentangled_bias: Optional[DisentangledBias] = None,
 ) -> torch.Tensor:
     """:func:`prefix_attention` on sequences packed without padding (FlashAttention's varlen layout).
 
@@ -188,7 +189,12 @@ def prefix_attention_varlen(
             tensors one device→host synchronisation per call (with the checks of ``cu_seqlens``). Pass it
             to avoid that: the checks then run on the device (a bad ``cu_seqlens`` or a row longer than
             ``max_seqlen`` is a device-side assertion, as for ``task_ids``).
-        Other arguments as :func:`prefix_attention` (no padding mask: there is no padding; no bias).
+        disentangled_bias: DeBERTa's c2p/p2c as for :func:`prefix_attention`, its index built for
+            N = ``max_seqlen``; the terms use query/column positions within each row. The Triton backend
+            gathers them per tile; the torch backend materialises them on its padded rows. With
+            ``deterministic`` reductions the Triton backend cannot give the relative embeddings a gradient
+            (their per-distance reduction uses atomics): it raises then.
+        Other arguments as :func:`prefix_attention` (no padding mask: there is no padding; no attn_bias).
         Dropout masks use the same counters as the padded op (query/column positions within the row).
 
     Returns:
@@ -202,16 +208,25 @@ def prefix_attention_varlen(
                              backend_support(backend))
     cu_seqlens, max_seqlen = check_cu_seqlens(q, cu_seqlens, max_seqlen)
     task_ids = check_task_ids(q, cu_seqlens.shape[0] - 1, prefix_k, task_ids)
+    # checked as for padded rows of max_seqlen tokens (a zero-stride stand-in of q: shape, dtype, device)
+    padded_q = q.new_empty(()).expand(1, q.shape[1], max_seqlen, q.shape[2])
+    disentangled = check_disentangled(padded_q, disentangled_bias)
     options = _options(check_scale(scale, q.shape[-1]), check_probability("dropout_p", dropout_p),
                        check_probability("prefix_dropout_p", prefix_dropout_p), deterministic, max_seqlen)
     prefix_k, prefix_v = prefix_bank(prefix_k, prefix_v)
     if backend == "torch":
         from .torch_backend import torch_prefix_attention_varlen
 
-        return torch_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options)
+        return torch_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options, disentangled)
     if backend == "cuda":
         raise ValueError("packed sequences (prefix_attention_varlen) are not supported by backend='cuda' yet; use "
                          "backend='triton' or 'torch'")
+    if (disentangled is not None and options.deterministic and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (disentangled.pos_key, disentangled.pos_query))):
+        raise ValueError("prefix_attention_varlen with disentangled_bias and deterministic reductions cannot "
+                         "differentiate the relative embeddings on backend='triton' (atomics); use backend='torch' "
+                         "or the padded prefix_attention")
     from .triton_backend import triton_prefix_attention
 
-    return triton_prefix_attention(q, k, v, prefix_k, prefix_v, None, task_ids, None, options, cu_seqlens)
+    return triton_prefix_attention(q, k, v, prefix_k, prefix_v, None, task_ids, None, options, cu_seqlens,
+                                   disentangled=disentangled)

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .common import Dropout, Options, prefix_rows, reduce_prefix_grad
+from .disentangled import bias_matrix
 
 
 def _prefix_matmul(x: torch.Tensor, prefix: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -245,9 +246,11 @@ def torch_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, op
     return TorchPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
 
 
-def torch_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options: Options):
+def torch_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options: Options,
+                                  disentangled=None):
     """Packed ``[total, H, D]`` rows (``cu_seqlens``) through the padded path: scatter into
-    ``[B, N, H, D]`` with a key padding mask, attend, gather the real tokens back (all differentiable)."""
+    ``[B, N, H, D]`` with a key padding mask, attend, gather the real tokens back (all differentiable).
+    ``disentangled``: a checked DisentangledBias or None, materialised on the padded rows."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     batch = lengths.shape[0]
     row = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths)
@@ -259,5 +262,7 @@ def torch_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_
 
     mask = torch.zeros(batch, options.max_seqlen, dtype=torch.bool, device=q.device)
     mask[row, position] = True
-    out = torch_prefix_attention(pad(q), pad(k), pad(v), prefix_k, prefix_v, mask, task_ids, None, options)
+    q, k, v = pad(q), pad(k), pad(v)
+    bias = None if disentangled is None else bias_matrix(q, k, disentangled, options.scale)
+    out = torch_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
     return out.transpose(1, 2)[row, position]

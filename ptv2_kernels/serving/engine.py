@@ -3,17 +3,27 @@
 - The bank is the patched model's ``PrefixEncoder`` with ``num_tasks = max_tasks`` slots; adding or
   removing a task writes one slot (no model reload). Each batch row carries its task's slot as
   ``task_ids``, read by the fused kernels' bank path: no per-task loop, no expanded prefix.
-- Requests are tokenized, sorted by length and cut into batches under a token budget, then run packed
-  (``cu_seqlens``, no padding tokens; BERT/RoBERTa) or padded (``packed=False``; always for DeBERTa).
-- ``submit`` feeds a background batcher that groups concurrent requests (dynamic batching).
+- Requests are checked twice before they can join a batch: when they are made (:class:`Request`: types and
+  shape) and when they reach the server (task known, tokenized, ids inside the vocabulary, length). A bad
+  request gets an error :class:`Result` of its own; a batch whose forward raises is retried row by row, so
+  only the failing request gets the error. One bad request never fails another.
+- Batches: length-sorted, cut under a token budget, run packed (``cu_seqlens``, no padding tokens; every
+  family) or padded (``packed=False``).
+- ``submit`` / ``predict_async`` feed the background batcher, the one thread that runs the model (under
+  ``torch.inference_mode``): a bounded queue (``max_queue`` requests; beyond it :class:`ServerOverloaded`),
+  per-request deadlines, dynamic batching for up to ``max_wait_ms``. ``close`` drains it.
 """
 
-import queue
+import asyncio
+import logging
+import math
+import numbers
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -22,11 +32,68 @@ from .. import patch_model
 from .heads import Head
 from .packed import PACKED_MODEL_TYPES, packed_forward
 
+log = logging.getLogger(__name__)
+
+# Result.code: why a request got no output
+UNKNOWN_TASK = "unknown_task"
+INVALID_INPUT = "invalid_input"
+INFERENCE_FAILED = "inference_failed"
+DEADLINE_EXCEEDED = "deadline_exceeded"
+
+
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {_type_name(value)} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_nonnegative(name: str, value, allow_none: bool = True) -> Optional[float]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number >= 0{' or None' if allow_none else ''}, got "
+                        f"{_type_name(value)} {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def _check_name(name: str, value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a non-empty string, got {_type_name(value)} {value!r}")
+    if not value:
+        raise ValueError(f"{name} must be a non-empty string, got ''")
+    return value
+
+
+def _token_list(name: str, value) -> Optional[Tuple[int, ...]]:
+    """``value`` (a list/tuple/range of ints or a 1-D integer tensor) as a tuple of ints; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.dtype.is_floating_point or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a 1-D integer tensor or a list of ints, got a {value.dtype} tensor of "
+                            f"shape {tuple(value.shape)}")
+        return tuple(value.tolist())
+    if not isinstance(value, (list, tuple, range)):
+        raise TypeError(f"{name} must be a list of ints, got {_type_name(value)}")
+    bad = [t for t in value if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+    if bad:
+        raise TypeError(f"{name} must hold ints only, got {_type_name(bad[0])} {bad[0]!r}")
+    return tuple(int(t) for t in value)
+
 
 @dataclass(frozen=True)
 class Request:
     """One input for task ``task``: ``text`` (with an optional ``text_pair``; needs a tokenizer) or
-    ``input_ids`` (special tokens included, with optional ``token_type_ids``)."""
+    ``input_ids`` (special tokens included, with optional ``token_type_ids``: lists of ints or 1-D integer
+    tensors, stored as tuples). Checked when it is made: TypeError/ValueError naming the field."""
 
     task: str
     text: Optional[str] = None
@@ -34,16 +101,56 @@ class Request:
     input_ids: Optional[Sequence[int]] = None
     token_type_ids: Optional[Sequence[int]] = None
 
+    def __post_init__(self):
+        _check_name("Request.task", self.task)
+        for name in ("text", "text_pair"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"Request.{name} must be a string or None, got {_type_name(value)} {value!r}")
+        for name in ("input_ids", "token_type_ids"):
+            object.__setattr__(self, name, _token_list(f"Request.{name}", getattr(self, name)))
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError("a Request needs exactly one of text and input_ids, got "
+                             f"{'both' if self.text is not None else 'neither'}")
+        if self.text_pair is not None and self.text is None:
+            raise ValueError("Request.text_pair needs Request.text (input_ids carry pairs with token_type_ids)")
+        if self.token_type_ids is not None:
+            if self.input_ids is None:
+                raise ValueError("Request.token_type_ids needs Request.input_ids")
+            if len(self.token_type_ids) != len(self.input_ids):
+                raise ValueError(f"Request.token_type_ids must have one entry per input id ({len(self.input_ids)}), "
+                                 f"got {len(self.token_type_ids)}")
+
 
 @dataclass
 class Result:
-    """The output of one request (``output``: see :class:`~ptv2_kernels.serving.heads.Head`), or ``error``."""
+    """The output of one request (``output``: see :class:`~ptv2_kernels.serving.heads.Head`), or ``error`` with
+    its ``code`` (``unknown_task``, ``invalid_input``, ``inference_failed``, ``deadline_exceeded``)."""
 
     task: str
     output: Optional[torch.Tensor] = None
     error: Optional[str] = None
     num_tokens: int = 0
     truncated: bool = False
+    code: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one batch ran: ``rows`` requests, ``tokens`` (real tokens), each row's task, wall ``seconds``."""
+
+    rows: int
+    tokens: int
+    tasks: Tuple[str, ...]
+    seconds: float
+
+
+class ServerOverloaded(RuntimeError):
+    """The batcher's queue is full (``max_queue`` requests waiting): retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -53,7 +160,13 @@ class _Item:
     ids: Optional[List[int]] = None
     types: Optional[List[int]] = None
     truncated: bool = False
-    error: Optional[str] = None
+    result: Optional[Result] = None
+    future: Optional[Future] = None
+    deadline: Optional[float] = None
+    enqueued: float = 0.0
+
+    def fail(self, code: str, message: str) -> None:
+        self.result = Result(self.request.task, error=message, code=code)
 
 
 class PrefixServer:
@@ -66,8 +179,9 @@ class PrefixServer:
         tokenizer: a transformers tokenizer, needed for text requests.
         max_batch_tokens: token budget of one batch (packed: real tokens; padded: rows × longest row).
         max_batch_size: most requests per batch. ``max_wait_ms``: how long the batcher waits to fill a batch.
-        packed: run sequences packed without padding (True) or padded (False). None (default): packed for
-            BERT/RoBERTa, padded for DeBERTa, which has no packed path (``packed=True`` raises ValueError).
+        max_queue: most requests waiting for the batcher; ``submit``/``predict_async`` beyond it raise
+            :class:`ServerOverloaded`.
+        packed: run sequences packed without padding (True, the default for every family) or padded (False).
         backend: the ``prefix_attention`` backend.
 
     Over-long inputs: text is truncated to :attr:`max_length` tokens (``Result.truncated``); ``input_ids``
@@ -78,14 +192,21 @@ class PrefixServer:
 
     def __init__(self, model: nn.Module, prefix_len: int, *, tokenizer=None, max_tasks: int = 16, layers=None,
                  max_batch_tokens: int = 8192, max_batch_size: int = 64, max_wait_ms: float = 5.0,
-                 packed: Optional[bool] = None, backend: str = "auto"):
-        if max_tasks < 2:
-            raise ValueError(f"max_tasks must be >= 2 (the bank's slot count), got {max_tasks}")
-        model_type = model.config.model_type
-        if packed and model_type not in PACKED_MODEL_TYPES:
-            raise ValueError(f"packed inference supports {PACKED_MODEL_TYPES} models; a {model_type!r} model is "
-                             "served padded: pass packed=None (the default) or False")
-        self.head = Head(model)
+                 max_queue: int = 1024, packed: Optional[bool] = None, backend: str = "auto"):
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"model must be a transformers model (an nn.Module with a config), got {_type_name(model)}")
+        prefix_len = _check_int("prefix_len", prefix_len, 1)
+        max_tasks = _check_int("max_tasks (the bank's slot count)", max_tasks, 2)
+        self.max_batch_tokens = _check_int("max_batch_tokens", max_batch_tokens, 1)
+        self.max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
+        self.max_queue = _check_int("max_queue", max_queue, 1)
+        self.max_wait_ms = _check_nonnegative("max_wait_ms", max_wait_ms, allow_none=False)
+        if packed is not None and not isinstance(packed, bool):
+            raise TypeError(f"packed must be True, False or None, got {_type_name(packed)} {packed!r}")
+        if tokenizer is not None and not callable(tokenizer):
+            raise TypeError(f"tokenizer must be a transformers tokenizer (callable) or None, got "
+                            f"{_type_name(tokenizer)}")
+        self.head = Head(model)  # TypeError for an unsupported model, before anything is patched
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.encoder = patch_model(model, prefix_len, layers=layers, num_tasks=max_tasks, prefix_dropout=0.0,
@@ -94,21 +215,28 @@ class PrefixServer:
         self.device, self.dtype = parameter.device, parameter.dtype
         self.encoder.to(self.dtype).requires_grad_(False)
         self.encoder.prefix.zero_()
-        self.packed = model_type in PACKED_MODEL_TYPES if packed is None else packed
+        self.packed = model.config.model_type in PACKED_MODEL_TYPES if packed is None else packed
         embeddings = model.base_model.embeddings
         if embeddings.position_embeddings is None:  # DeBERTa with relative positions only
             self.max_length = model.config.max_position_embeddings
         else:
-            first_position = embeddings.padding_idx + 1 if model_type == "roberta" else 0
+            first_position = embeddings.padding_idx + 1 if model.config.model_type == "roberta" else 0
             self.max_length = embeddings.position_embeddings.num_embeddings - first_position - prefix_len
         if tokenizer is not None and tokenizer.model_max_length:
             self.max_length = min(self.max_length, tokenizer.model_max_length)
-        self.max_batch_tokens, self.max_batch_size, self.max_wait_ms = max_batch_tokens, max_batch_size, max_wait_ms
         self._slots: Dict[str, int] = {}
         self._heads: Dict[str, Optional[dict]] = {}
-        self._lock = threading.RLock()
-        self._queue: "queue.Queue" = queue.Queue()
+        # the model and the bank tensor: held while a batch runs or the bank is written; the name -> slot/head
+        # tables: held briefly (so request preparation on an event loop never waits for a forward); order: model, tasks
+        self._model_lock = threading.RLock()
+        self._tasks_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()  # fast tokenizers must not be called from two threads at once
+        self._cond = threading.Condition()  # the batcher's queue
+        self._pending: Deque[_Item] = deque()
         self._worker: Optional[threading.Thread] = None
+        self._closed = False
+        self._seconds_per_row = 0.0  # moving average, for ServerOverloaded.retry_after_s
+        self._observers: List[Callable[[BatchStats], None]] = []
 
     # ---- the task bank -------------------------------------------------------------------------------
     @property
@@ -123,7 +251,7 @@ class PrefixServer:
 
     def tasks(self) -> List[str]:
         """Names of the served tasks, in the order they were added."""
-        with self._lock:
+        with self._tasks_lock:
             return list(self._slots)
 
     def add_task(self, name: str, prefix: torch.Tensor, head: Optional[Dict[str, torch.Tensor]] = None, *,
@@ -131,21 +259,23 @@ class PrefixServer:
         """Serve ``name`` with the compact ``prefix`` ``[L', 2, H, P, D]`` and optional head weights
         (state dict of ``self.head.module``: the model's ``classifier``; DeBERTa sequence classification:
         ``pooler.*`` and ``classifier.*``); see :meth:`add_tasks`."""
+        _check_name("name", name)
         self.add_tasks({name: (prefix, head)}, replace=replace)
 
     def add_tasks(self, tasks: Dict[str, tuple], *, replace: bool = False) -> None:
         """Serve every ``name: (prefix, head or None)`` of ``tasks`` at once: names, shapes, values, head
         weights and free slots are all checked before the bank is touched, so an error adds nothing."""
+        if not isinstance(tasks, dict):
+            raise TypeError(f"tasks must be a dict {{name: (prefix, head or None)}}, got {_type_name(tasks)}")
+        if not isinstance(replace, bool):
+            raise TypeError(f"replace must be a bool, got {_type_name(replace)} {replace!r}")
         checked = {}
-        for name, (prefix, head) in tasks.items():
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"task name must be a non-empty string, got {name!r}")
-            prefix = self._checked_prefix(prefix, name)
-            if head is not None:
-                self.head.check_state(head)
-                head = {k: v.detach().to(self.device, self.dtype) for k, v in head.items()}
-            checked[name] = prefix, head
-        with self._lock:
+        for name, value in tasks.items():
+            _check_name("task name", name)
+            if not isinstance(value, tuple) or len(value) != 2:
+                raise TypeError(f"tasks[{name!r}] must be a (prefix, head or None) pair, got {_type_name(value)}")
+            checked[name] = self.check_task(name, *value)
+        with self._model_lock, self._tasks_lock:
             clashes = sorted(set(checked) & set(self._slots))
             if clashes and not replace:
                 raise ValueError(f"tasks {clashes} already exist; pass replace=True or remove_task them first")
@@ -156,161 +286,266 @@ class PrefixServer:
                                    f"(max_tasks={self.prefix_config.num_tasks}); remove tasks first or build the "
                                    "server with a larger max_tasks")
             slots = dict(zip(new, free))
-            for name, (prefix, head) in checked.items():
+            for name, (prefix, head) in checked.items():  # nothing below can fail
                 slot = self._slots.get(name, slots.get(name))
                 self.encoder.prefix[slot].copy_(prefix)
                 self._slots[name], self._heads[name] = slot, head
 
-    def remove_task(self, name: str) -> None:
-        """Stop serving ``name`` and free its slot; queued requests for it then fail as unknown."""
-        with self._lock:
-            if name not in self._slots:
-                raise KeyError(f"unknown task {name!r}; served tasks: {list(self._slots)}")
-            self.encoder.prefix[self._slots.pop(name)].zero_()
-            del self._heads[name]
-
-    def task_prefix(self, name: str) -> torch.Tensor:
-        """A copy of task ``name``'s compact prefix ``[L', 2, H, P, D]``."""
-        with self._lock:
-            if name not in self._slots:
-                raise KeyError(f"unknown task {name!r}; served tasks: {list(self._slots)}")
-            return self.encoder.prefix[self._slots[name]].clone()
-
-    def task_head(self, name: str) -> Optional[Dict[str, torch.Tensor]]:
-        """Task ``name``'s own head weights, or None if it uses the model's head."""
-        with self._lock:
-            if name not in self._heads:
-                raise KeyError(f"unknown task {name!r}; served tasks: {list(self._slots)}")
-            return self._heads[name]
-
-    def _checked_prefix(self, prefix, name: str) -> torch.Tensor:
+    def check_task(self, name: str, prefix, head=None) -> tuple:
+        """``(prefix, head)`` of task ``name`` as the bank stores them (device and dtype of the model), after
+        checking them against the server: TypeError/ValueError naming what does not fit. Adds nothing."""
         if not isinstance(prefix, torch.Tensor):
-            raise TypeError(f"prefix of task {name!r} must be a tensor [L', 2, H, P, D], got {type(prefix).__name__}")
+            raise TypeError(f"prefix of task {name!r} must be a tensor [L', 2, H, P, D], got {_type_name(prefix)}")
+        if not prefix.dtype.is_floating_point:
+            raise TypeError(f"prefix of task {name!r} must be a floating-point tensor, got dtype {prefix.dtype}")
         expected = self.prefix_shape
         if tuple(prefix.shape) != expected:
             names = ("prefixed layers L'", "key/value", "heads H", "prefix_len P", "head_dim D")
-            detail = [f"{n} {g} != {e}" for n, g, e in zip(names, prefix.shape, expected) if g != e]
+            detail = ", ".join(f"{n} {g} != {e}" for n, g, e in zip(names, prefix.shape, expected) if g != e)
+            if prefix.dim() != len(expected):
+                detail = f"wrong number of dimensions ({prefix.dim()} != {len(expected)})"
             raise ValueError(f"prefix of task {name!r}: shape {tuple(prefix.shape)} does not fit the server's "
-                             f"{expected} [L', 2, H, P, D]: {', '.join(detail) or 'wrong number of dimensions'}")
+                             f"{expected} [L', 2, H, P, D]: {detail}")
         if not torch.isfinite(prefix).all():
             raise ValueError(f"prefix of task {name!r} holds NaN or infinite values")
-        return prefix.detach().to(self.device, self.dtype)
+        if head is not None:
+            if not isinstance(head, dict):
+                raise TypeError(f"head of task {name!r} must be a state dict {{name: tensor}} or None, got "
+                                f"{_type_name(head)}")
+            for key, value in head.items():
+                if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+                    raise TypeError(f"head of task {name!r}: {key!r} must be a floating-point tensor, got "
+                                    f"{getattr(value, 'dtype', _type_name(value))}")
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"head of task {name!r}: {key!r} holds NaN or infinite values")
+            self.head.check_state(head)
+            head = {k: v.detach().to(self.device, self.dtype) for k, v in head.items()}
+        return prefix.detach().to(self.device, self.dtype), head
+
+    def _slot(self, name) -> int:
+        _check_name("name", name)
+        if name not in self._slots:
+            raise KeyError(f"unknown task {name!r}; served tasks: {list(self._slots)}")
+        return self._slots[name]
+
+    def remove_task(self, name: str) -> None:
+        """Stop serving ``name`` and free its slot; queued requests for it then fail as unknown."""
+        with self._model_lock, self._tasks_lock:
+            self.encoder.prefix[self._slot(name)].zero_()
+            del self._slots[name], self._heads[name]
+
+    def task_prefix(self, name: str) -> torch.Tensor:
+        """A copy of task ``name``'s compact prefix ``[L', 2, H, P, D]``."""
+        with self._tasks_lock:  # the bank is written with both locks held
+            return self.encoder.prefix[self._slot(name)].clone()
+
+    def task_head(self, name: str) -> Optional[Dict[str, torch.Tensor]]:
+        """Task ``name``'s own head weights, or None if it uses the model's head."""
+        with self._tasks_lock:
+            self._slot(name)
+            return self._heads[name]
 
     # ---- requests ------------------------------------------------------------------------------------
     def predict(self, requests: Sequence[Request]) -> List[Result]:
-        """Run ``requests`` (any tasks mixed) in length-sorted batches under the token budget; one
-        :class:`Result` per request, in order. A bad request gets an error, the others are served."""
-        items = self._tokenize(list(requests))
-        results: List[Optional[Result]] = [None] * len(items)
-        for item in items:
-            if item.error is not None:
-                results[item.index] = Result(item.request.task, error=item.error)
-        for batch in self._plan([item for item in items if item.error is None]):
-            for item, result in zip(batch, self._run_batch(batch)):
-                results[item.index] = result
-        return results
+        """Run ``requests`` (any tasks mixed) in length-sorted batches under the token budget, in the calling
+        thread; one :class:`Result` per request, in order. A bad request gets an error, the others are served."""
+        items = self._prepare(_check_requests(requests))
+        self._run_items([item for item in items if item.result is None])
+        return [item.result for item in items]
 
-    def submit(self, request: Request) -> Future:
-        """Queue ``request`` for the background batcher; the future resolves to its :class:`Result`."""
-        future: Future = Future()
-        with self._lock:
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._serve_queue, name="ptv2-batcher", daemon=True)
-                self._worker.start()
-        self._queue.put((request, future))
-        return future
+    def submit(self, request: Request, *, timeout_s: Optional[float] = None) -> Future:
+        """Queue ``request`` for the background batcher; the future resolves to its :class:`Result` (an error
+        result at once for a bad request; ``deadline_exceeded`` if ``timeout_s`` passes before it runs).
+        Raises :class:`ServerOverloaded` when ``max_queue`` requests are waiting."""
+        if not isinstance(request, Request):
+            raise TypeError(f"request must be a Request, got {_type_name(request)}")
+        return self._enqueue(self._prepare([request]), timeout_s)[0]
+
+    async def predict_async(self, requests: Sequence[Request], *, timeout_s: Optional[float] = None) -> List[Result]:
+        """:meth:`predict` through the background batcher, awaited: all of ``requests`` are queued at once (or
+        none: :class:`ServerOverloaded`), batched with other callers' requests, and awaited together; after
+        ``timeout_s`` the ones not yet run are withdrawn and TimeoutError is raised."""
+        futures = self._enqueue(self._prepare(_check_requests(requests)), timeout_s)
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)), timeout_s))
+        except asyncio.TimeoutError:
+            for future in futures:
+                future.cancel()
+            raise TimeoutError(f"{len(futures)} request(s) got no result within timeout_s={timeout_s}") from None
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for the batcher."""
+        return len(self._pending)
+
+    def on_batch(self, callback: Callable[[BatchStats], None]) -> None:
+        """Call ``callback(BatchStats)`` after every batch (metrics); its exceptions are logged, not raised."""
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {_type_name(callback)}")
+        self._observers.append(callback)
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One forward of a short dummy row through the model (bank slot 0), so the first request does not pay
+        for lazy initialisation (kernel compilation, allocator growth)."""
+        length = min(8, self.max_length)
+        item = _Item(0, Request("warm-up", input_ids=[0] * length), ids=[0] * length)
+        with self._model_lock:
+            self._forward([item], torch.zeros(1, dtype=torch.long, device=self.device))
 
     def close(self) -> None:
-        """Stop the background batcher (after the requests already queued)."""
-        with self._lock:
+        """Stop the background batcher after it has run every queued request; later ``submit`` calls raise."""
+        with self._cond:
+            self._closed = True
             worker, self._worker = self._worker, None
+            self._cond.notify_all()
         if worker is not None:
-            self._queue.put(None)
             worker.join()
 
-    def _serve_queue(self) -> None:
-        """Batcher loop: take the first waiting request, gather more until the token budget, the batch
-        size or ``max_wait_ms`` is reached, then run them together."""
-        while True:
-            entry = self._queue.get()
-            if entry is None:
-                return
-            pending, deadline, stop = [entry], time.monotonic() + self.max_wait_ms / 1e3, False
-            while len(pending) < self.max_batch_size and not stop:
-                try:
-                    entry = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
-                except queue.Empty:
-                    break
-                if entry is None:
-                    stop = True
-                else:
-                    pending.append(entry)
-            try:
-                results = self.predict([request for request, _ in pending])
-            except Exception as error:  # noqa: BLE001  (delivered to every waiting caller)
-                for _, future in pending:
-                    future.set_exception(error)
-            else:
-                for (_, future), result in zip(pending, results):
-                    future.set_result(result)
-            if stop:
-                return
+    def _enqueue(self, items: List[_Item], timeout_s) -> List[Future]:
+        """Futures of ``items``: resolved now for items that already have a (error) result, the others queued
+        all together (ServerOverloaded if they do not fit)."""
+        timeout_s = _check_nonnegative("timeout_s", timeout_s)
+        queued = [item for item in items if item.result is None]
+        if len(queued) > self.max_queue:
+            raise ValueError(f"{len(queued)} requests at once cannot fit a queue of max_queue={self.max_queue}")
+        futures = []
+        for item in items:
+            item.future = Future()
+            if item.result is not None:
+                item.future.set_result(item.result)
+            futures.append(item.future)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the server is closed: no more requests are accepted")
+            waiting = len(self._pending)
+            if waiting + len(queued) > self.max_queue:
+                retry = max(1.0, math.ceil(waiting * self._seconds_per_row))
+                raise ServerOverloaded(f"the server is overloaded: {waiting} requests are waiting (max_queue="
+                                       f"{self.max_queue}); retry after {retry:.0f} s", retry)
+            now = time.monotonic()
+            for item in queued:
+                item.enqueued, item.deadline = now, None if timeout_s is None else now + timeout_s
+                self._pending.append(item)
+            if queued and self._worker is None:
+                self._worker = threading.Thread(target=self._serve_queue, name="ptv2-batcher", daemon=True)
+                self._worker.start()
+            self._cond.notify()
+        return futures
 
-    def _tokenize(self, requests: List[Request]) -> List[_Item]:
-        """Token ids of every request (texts in one tokenizer call; those over ``max_length`` tokenized
-        again with truncation); bad requests get an error."""
+    def _cost(self, items) -> int:
+        """Token cost of running ``items`` as one batch (packed: real tokens; padded: rows × longest row)."""
+        lengths = [len(i.ids) for i in items]
+        return sum(lengths) if self.packed else len(lengths) * max(lengths, default=0)
+
+    def _serve_queue(self) -> None:
+        """Batcher loop: wait for the first request, gather more for up to ``max_wait_ms`` (or until the batch
+        size or token budget is reached), take a batch in arrival order and run it; exit when closed and empty."""
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                deadline = self._pending[0].enqueued + self.max_wait_ms / 1e3
+                while not self._closed and len(self._pending) < self.max_batch_size and self._cost(
+                        list(self._pending)[:self.max_batch_size]) < self.max_batch_tokens:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                batch = [self._pending.popleft()]
+                while (self._pending and len(batch) < self.max_batch_size
+                       and self._cost(batch + [self._pending[0]]) <= self.max_batch_tokens):
+                    batch.append(self._pending.popleft())
+            self._run_queued(batch)
+
+    def _run_queued(self, batch: List[_Item]) -> None:
+        now, live = time.monotonic(), []
+        for item in batch:
+            if not item.future.set_running_or_notify_cancel():
+                continue  # withdrawn by its caller (predict_async's timeout)
+            if item.deadline is not None and now > item.deadline:
+                item.fail(DEADLINE_EXCEEDED, "the request's deadline passed before it could run (server busy)")
+                item.future.set_result(item.result)
+                continue
+            live.append(item)
+        try:
+            self._run_items(live)
+        except BaseException as error:  # a bug: every waiting caller must still hear back
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            raise
+        for item in live:
+            item.future.set_result(item.result)
+
+    def _prepare(self, requests: List[Request]) -> List[_Item]:
+        """One item per request with its token ids, or with an error result (unknown task, no tokenizer,
+        ids outside the vocabulary, too long, the tokenizer failed on it)."""
         items = [_Item(i, r) for i, r in enumerate(requests)]
+        with self._tasks_lock:
+            known = list(self._slots)
         texts = []
         for item in items:
-            request = item.request
-            if not isinstance(request, Request):
-                raise TypeError(f"predict/submit take Request objects, got {type(request).__name__}")
-            if (request.text is None) == (request.input_ids is None):
-                item.error = "give exactly one of text and input_ids"
-            elif request.text is None:
+            if item.request.task not in known:
+                item.fail(UNKNOWN_TASK, f"unknown task {item.request.task!r}; served tasks: {known}")
+            elif item.request.input_ids is not None:
                 self._check_ids(item)
             elif self.tokenizer is None:
-                item.error = "this server has no tokenizer; send input_ids"
+                item.fail(INVALID_INPUT, "this server has no tokenizer; send input_ids")
             else:
                 texts.append(item)
-        long = self._encode(texts, truncation=False)
-        long = [item for item in long if len(item.ids) > self.max_length]
-        for item in self._encode(long, truncation=True):
-            item.truncated = True
+        with self._tokenizer_lock:
+            self._encode(texts, truncation=False)
+            long = [item for item in texts if item.result is None and len(item.ids) > self.max_length]
+            self._encode(long, truncation=True)
+        for item in long:
+            item.truncated = item.result is None
         return items
 
-    def _encode(self, items: List[_Item], truncation: bool) -> List[_Item]:
-        """Tokenize the texts of ``items`` into ``item.ids`` / ``item.types`` (one tokenizer call for the
-        single texts, one for the pairs)."""
+    def _encode(self, items: List[_Item], truncation: bool) -> None:
+        """Tokenize the texts of ``items`` into ``item.ids`` / ``item.types``: one tokenizer call for the single
+        texts, one for the pairs; if a call raises, each of its texts alone, so only a bad one gets the error."""
         singles = [i for i in items if i.request.text_pair is None]
         for group in (singles, [i for i in items if i.request.text_pair is not None]):
-            if not group:
-                continue
-            pairs = None if group[0].request.text_pair is None else [i.request.text_pair for i in group]
-            encoded = self.tokenizer([i.request.text for i in group], pairs, truncation=truncation,
-                                     max_length=self.max_length if truncation else None)
-            for n, item in enumerate(group):
-                item.ids = encoded["input_ids"][n]
-                item.types = encoded["token_type_ids"][n] if "token_type_ids" in encoded else None
-        return items
+            try:
+                self._encode_group(group, truncation)
+            except Exception:  # noqa: BLE001  (isolate the text that breaks the tokenizer)
+                for item in group:
+                    try:
+                        self._encode_group([item], truncation)
+                    except Exception as error:  # noqa: BLE001
+                        item.fail(INVALID_INPUT, f"the tokenizer cannot encode this text: {type(error).__name__}: "
+                                                 f"{error}")
+
+    def _encode_group(self, group: List[_Item], truncation: bool) -> None:
+        if not group:
+            return
+        pairs = None if group[0].request.text_pair is None else [i.request.text_pair for i in group]
+        encoded = self.tokenizer([i.request.text for i in group], pairs, truncation=truncation,
+                                 max_length=self.max_length if truncation else None)
+        for n, item in enumerate(group):
+            item.ids = list(encoded["input_ids"][n])
+            item.types = list(encoded["token_type_ids"][n]) if "token_type_ids" in encoded else None
+            if not item.ids:
+                item.fail(INVALID_INPUT, "the text has no tokens")
 
     def _check_ids(self, item: _Item) -> None:
         request, vocab, types = item.request, self.model.config.vocab_size, self.model.config.type_vocab_size
-        ids = list(request.input_ids)
+        ids = request.input_ids
         if not ids:
-            item.error = "input_ids is empty"
+            item.fail(INVALID_INPUT, "input_ids is empty")
         elif len(ids) > self.max_length:
-            item.error = (f"input has {len(ids)} tokens, at most {self.max_length} fit (server.max_length, from "
-                          "max_position_embeddings and prefix_len); send text to truncate, or shorten it")
-        elif not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-            item.error = f"input_ids must be integers in [0, {vocab})"
-        elif request.token_type_ids is not None and len(request.token_type_ids) != len(ids):
-            item.error = "token_type_ids must have one entry per input id"
-        elif types and request.token_type_ids is not None and not all(isinstance(t, int) and 0 <= t < types
-                                                                      for t in request.token_type_ids):
-            item.error = f"token_type_ids must be integers in [0, {types}) (type_vocab_size)"
+            item.fail(INVALID_INPUT, f"input has {len(ids)} tokens, at most {self.max_length} fit (server.max_length, "
+                                     "from max_position_embeddings and prefix_len); send text to truncate, or "
+                                     "shorten it")
+        elif not all(0 <= t < vocab for t in ids):
+            item.fail(INVALID_INPUT, f"input_ids must be integers in [0, {vocab}) (vocab_size)")
+        elif types and request.token_type_ids is not None and not all(0 <= t < types for t in request.token_type_ids):
+            item.fail(INVALID_INPUT, f"token_type_ids must be integers in [0, {types}) (type_vocab_size)")
         else:
-            item.ids = ids
+            item.ids = list(ids)
             item.types = None if request.token_type_ids is None else list(request.token_type_ids)
 
     def _plan(self, items: List[_Item]) -> List[List[_Item]]:
@@ -318,29 +553,55 @@ class PrefixServer:
         batches, current = [], []
         for item in sorted(items, key=lambda i: len(i.ids)):
             candidate = current + [item]
-            cost = sum(len(i.ids) for i in candidate) if self.packed else len(candidate) * len(item.ids)
-            if current and (cost > self.max_batch_tokens or len(candidate) > self.max_batch_size):
+            if current and (self._cost(candidate) > self.max_batch_tokens or len(candidate) > self.max_batch_size):
                 batches.append(current)
                 candidate = [item]
             current = candidate
         return batches + ([current] if current else [])
 
+    def _run_items(self, items: List[_Item]) -> None:
+        """Set the result of every item: planned batches, each retried row by row if its forward raises."""
+        for batch in self._plan(items):
+            self._run_isolated(batch)
+
+    def _run_isolated(self, batch: List[_Item]) -> None:
+        try:
+            self._run_batch(batch)
+        except Exception as error:  # noqa: BLE001  (find the row that fails; the others are served)
+            if len(batch) == 1:
+                batch[0].fail(INFERENCE_FAILED, f"inference failed: {type(error).__name__}: {error}")
+                return
+            for item in batch:
+                self._run_isolated([item])
+
     @torch.inference_mode()
-    def _run_batch(self, batch: List[_Item]) -> List[Result]:
-        """One mixed-task forward of ``batch``; unknown tasks are answered with an error, the rest run."""
-        with self._lock:
-            known = [item for item in batch if item.request.task in self._slots]
-            results = {id(item): Result(item.request.task, error=f"unknown task {item.request.task!r}; served "
-                                        f"tasks: {list(self._slots)}")
-                       for item in batch if item.request.task not in self._slots}
-            if known:
-                task_ids = torch.tensor([self._slots[i.request.task] for i in known], device=self.device)
+    def _run_batch(self, batch: List[_Item]) -> None:
+        """One mixed-task forward of ``batch``; tasks removed since the request was queued get an error."""
+        start = time.perf_counter()
+        with self._model_lock:
+            with self._tasks_lock:
+                known = [item for item in batch if item.request.task in self._slots]
+                for item in batch:
+                    if item.request.task not in self._slots:
+                        item.fail(UNKNOWN_TASK, f"unknown task {item.request.task!r}; served tasks: "
+                                                f"{list(self._slots)}")
+                slots = [self._slots[i.request.task] for i in known]
                 heads = [self._heads[i.request.task] for i in known]
-                tokens, cu_seqlens = self._forward(known, task_ids)
-                for item, output in zip(known, self.head(tokens, cu_seqlens, heads)):
-                    results[id(item)] = Result(item.request.task, output=output.float().cpu(),
-                                               num_tokens=len(item.ids), truncated=item.truncated)
-        return [results[id(item)] for item in batch]
+            if not known:
+                return
+            task_ids = torch.tensor(slots, device=self.device)
+            tokens, cu_seqlens = self._forward(known, task_ids)
+            outputs = [output.float().cpu() for output in self.head(tokens, cu_seqlens, heads)]
+        for item, output in zip(known, outputs):
+            item.result = Result(item.request.task, output=output, num_tokens=len(item.ids), truncated=item.truncated)
+        seconds = time.perf_counter() - start
+        self._seconds_per_row = 0.9 * self._seconds_per_row + 0.1 * seconds / len(known)
+        stats = BatchStats(len(known), sum(len(i.ids) for i in known), tuple(i.request.task for i in known), seconds)
+        for observer in self._observers:
+            try:
+                observer(stats)
+            except Exception:  # noqa: BLE001  (metrics must not fail requests)
+                log.exception("a batch observer of PrefixServer raised")
 
     def _forward(self, items: List[_Item], task_ids: torch.Tensor):
         """Final token states packed ``[total, hidden]`` and ``cu_seqlens`` ``[B + 1]``."""
@@ -365,3 +626,14 @@ class PrefixServer:
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         states = self.model.base_model(**inputs, task_ids=task_ids).last_hidden_state
         return states[mask.to(self.device)], cu_seqlens
+
+
+def _check_requests(requests) -> List[Request]:
+    if isinstance(requests, Request):
+        raise TypeError("requests must be a list of Request objects, got a single Request (wrap it in a list)")
+    if isinstance(requests, (str, bytes, dict)) or not isinstance(requests, Sequence):
+        raise TypeError(f"requests must be a list of Request objects, got {_type_name(requests)}")
+    bad = [r for r in requests if not isinstance(r, Request)]
+    if bad:
+        raise TypeError(f"requests must hold Request objects only, got {_type_name(bad[0])}")
+    return list(requests)

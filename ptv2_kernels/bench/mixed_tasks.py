@@ -1,5 +1,5 @@
 """Mixed-task serving rows of ``ptv2-bench --mode serve`` (bench ``serve``, same batch and inputs as its
-single-task ``fused-*`` and ``peft`` rows).
+single-task ``fused-*`` and ``peft`` rows; :mod:`ptv2_kernels.bench.cli` adds them to the serve mode).
 
 Providers (``T`` = ``NUM_TASKS`` task prefixes, row ``b`` of the batch belongs to task ``b % T``):
 - ``mixed16-<fused>``: one patched model with a bank of T prefixes, the whole batch in one forward
@@ -12,11 +12,11 @@ Providers (``T`` = ``NUM_TASKS`` task prefixes, row ``b`` of the batch belongs t
 
 import torch
 
-from ..bench import kernel, measure, model
-from ..bench.configs import MODEL_CONFIGS, heads_and_dim
-from ..bench.report import make_row
-from .engine import PrefixServer, Request
-from .packed import PACKED_MODEL_TYPES
+from ..serving.engine import PrefixServer, Request
+from ..serving.packed import PACKED_MODEL_TYPES
+from . import kernel, measure, model
+from .configs import MODEL_CONFIGS, heads_and_dim
+from .report import make_row
 
 NUM_TASKS = 16
 
@@ -118,7 +118,7 @@ def run(model_name, sizes, dtype, device, providers, progress, quick):
             model_name, prefix_len, quick, device, dtype, b, flat, batch, task_ids)
     if fused:
         backend = kernel.FUSED_BACKENDS[fused[0]]
-        packings = (False, True) if config.model_type in PACKED_MODEL_TYPES else (False,)  # DeBERTa: padded
+        packings = (False, True) if config.model_type in PACKED_MODEL_TYPES else (False,)
         for packed in packings:
             name = f"server-{'packed' if packed else 'padded'}{NUM_TASKS}"
             calls[name] = lambda b=backend, p=packed: _server_call(model_name, prefix_len, quick, device, dtype, b,
