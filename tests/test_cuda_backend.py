@@ -11,7 +11,7 @@ import torch
 from ptv2_kernels.ops.common import Dropout, Options
 from ptv2_kernels.ops.cuda_backend import CudaPrefixAttention, cuda_status
 
-from .reference import kernel_dropout_masks, reference_attention
+from .reference import dropout_masks_v2, reference_attention
 from .test_prefix_attention import FLOOR, max_abs
 from .test_prefix_attention import GRID as SHARED_GRID
 from .test_prefix_attention import make_inputs as shared_make_inputs
@@ -52,7 +52,7 @@ def reference_with_grads(tensors, mask, task_ids, d_out, options):
     q, k, v, prefix_k, prefix_v = (t.detach().cpu().double().requires_grad_() for t in tensors)
     batch, heads, seq, dim = q.shape
     drop = options.dropout
-    attn_keep, keep_k, keep_v = kernel_dropout_masks(drop.seed, batch, heads, seq, prefix_k.shape[2], dim, drop.p,
+    attn_keep, keep_k, keep_v = dropout_masks_v2(drop.seed, batch, heads, seq, prefix_k.shape[2], dim, drop.p,
                                                      drop.prefix_p)
     cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
     pk, pv = (prefix_k, prefix_v) if task_ids is not None else (prefix_k[0], prefix_v[0])
