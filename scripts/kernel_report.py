@@ -71,7 +71,7 @@ class CompileOnlyDriver(DriverBase):
         return GPUTarget("cuda", self.arch, 32)
 
     def get_current_device(self):
-        return 0
+        return self.arch  # one JIT kernel cache per target: a kernel compiled for sm_90 is not reused for sm_80
 
     def get_current_stream(self, device=None):
         return 0
@@ -372,8 +372,8 @@ def _cell(row, key):
     if key == "tiles":
         return "×".join(str(v) for v in row["tiles"].values()) or "-"
     if key == "mma":
-        return (f"wgmma×{row['wgmma']}" if row["wgmma"] else "") + (f" mma.sync×{row['mma_sync']}" if row["mma_sync"]
-                                                                    else "") or "none"
+        kinds = [f"{name}×{row[field]}" for name, field in (("wgmma", "wgmma"), ("mma.sync", "mma_sync")) if row[field]]
+        return " ".join(kinds) or "none"
     if key == "kernel":
         return row["kernel"].replace("prefix_attention_", "").replace("_kernel", "")
     if key == "grid":

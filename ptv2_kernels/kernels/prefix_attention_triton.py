@@ -227,44 +227,53 @@ def _window_rows(Pos, RelIndex, TABLE: tl.constexpr, h, dist0, N, R, offs_d, D, 
 def _rel_scores(q, k, PosK, PosQ, RelIndex, h, i0, j0, N, R, offs_d, D,
                 HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, DOT_FP32: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Unscaled c2p + p2c ``[BLOCK_M, BLOCK_N]`` of query rows ``i0 + m`` (``q``) and sequence columns
-    ``j0 + n`` (``k``): window products ``q @ PosK_w^T`` / ``k @ PosQ_w^T`` gathered at slot
-    ``m - n + BLOCK_N - 1``."""
+    """Unscaled c2p + p2c ``[BLOCK_M, BLOCK_N]`` (BLOCK_M == BLOCK_N) of query rows ``i0 + m`` (``q``) and sequence
+    columns ``j0 + n`` (``k``): window products ``q @ PosK_w^T`` / ``k @ PosQ_w^T`` gathered at slot
+    ``w = m - n + BLOCK_N - 1``. The window is taken in two halves of BLOCK_N slots (two products and gathers of
+    ``[BLOCK_M, BLOCK_N]``): a gather's source lives in registers in a row-per-warp layout, and a whole
+    ``[BLOCK_M, 2 BLOCK_N]`` window there does not fit beside the attention state."""
     slot = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
     dist0 = i0 - j0 - (BLOCK_N - 1)
     rel = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if HAS_C2P:
-        emb, _, _ = _window_rows(PosK, RelIndex, 0, h, dist0, N, R, offs_d, D, BLOCK_M + BLOCK_N)
-        rel += tl.gather(_dot(q, tl.trans(emb), DOT_FP32), slot, axis=1)
-    if HAS_P2C:
-        emb, _, _ = _window_rows(PosQ, RelIndex, 1, h, dist0, N, R, offs_d, D, BLOCK_M + BLOCK_N)
-        rel += tl.trans(tl.gather(_dot(k, tl.trans(emb), DOT_FP32), tl.trans(slot), axis=1))
+    for half in tl.static_range(2):
+        inside = (slot >= half * BLOCK_N) & (slot < (half + 1) * BLOCK_N)
+        index = tl.where(inside, slot - half * BLOCK_N, 0)
+        if HAS_C2P:
+            emb, _, _ = _window_rows(PosK, RelIndex, 0, h, dist0 + half * BLOCK_N, N, R, offs_d, D, BLOCK_N)
+            rel += tl.where(inside, tl.gather(_dot(q, tl.trans(emb), DOT_FP32), index, axis=1), 0.0)
+        if HAS_P2C:
+            emb, _, _ = _window_rows(PosQ, RelIndex, 1, h, dist0 + half * BLOCK_N, N, R, offs_d, D, BLOCK_N)
+            rel += tl.where(inside, tl.trans(tl.gather(_dot(k, tl.trans(emb), DOT_FP32), tl.trans(index), axis=1)),
+                            0.0)
     return rel
 
 
 @triton.jit
 def _rel_grad(ds, x, Pos, DPos, RelIndex, TABLE: tl.constexpr, h, dist0, N, R, offs_d, D, EMB_GRAD: tl.constexpr,
               DOT_FP32: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_N: tl.constexpr,
-              WINDOW: tl.constexpr):
-    """Backward of one relative term of a tile. TABLE 0 (c2p): ``ds`` ``[BLOCK_M, BLOCK_N]`` and ``x = q``;
-    TABLE 1 (p2c): ``ds`` transposed ``[BLOCK_N, BLOCK_M]`` and ``x = k``. The score gradient is moved to
-    window slots (``dsw[a, w]``, zero where no score has that slot), with EMB_GRAD its product with ``x`` is
-    added to the per-distance ``DPos`` with relaxed atomics, and ``dsw @ embeddings`` (x's gradient,
-    unscaled) is returned."""
+              BLOCK_D: tl.constexpr):
+    """Backward of one relative term of a tile (ROWS == COLS == BLOCK_N). TABLE 0 (c2p): ``ds`` ``[BLOCK_M,
+    BLOCK_N]`` and ``x = q``; TABLE 1 (p2c): ``ds`` transposed ``[BLOCK_N, BLOCK_M]`` and ``x = k``. The score
+    gradient is moved to window slots (``dsw[a, w]``, zero where no score has that slot; in two halves of
+    BLOCK_N slots, as :func:`_rel_scores`), with EMB_GRAD its product with ``x`` is added to the per-distance
+    ``DPos`` with relaxed atomics, and ``dsw @ embeddings`` (x's gradient, unscaled) is returned."""
     a = tl.arange(0, ROWS)[:, None]
-    w = tl.arange(0, WINDOW)[None, :]
-    if TABLE == 0:
-        col = a - w + (BLOCK_N - 1)  # c2p: slot w of query row m is column n = m + BLOCK_N - 1 - w
-    else:
-        col = a + w - (BLOCK_N - 1)  # p2c: slot w of key column n is row m = w + n - BLOCK_N + 1
-    ok = (col >= 0) & (col < COLS)
-    dsw = tl.where(ok, tl.gather(ds, tl.where(ok, col, 0), axis=1), 0.0)
-    emb, slots, slot_ok = _window_rows(Pos, RelIndex, TABLE, h, dist0, N, R, offs_d, D, WINDOW)
-    if EMB_GRAD:  # off for frozen relative embeddings (prefix tuning of a frozen backbone)
-        d_emb = _dot(tl.trans(dsw).to(x.dtype), x, DOT_FP32)
-        ptrs = DPos + (h.to(tl.int64) * (2 * N - 1) + slots)[:, None] * D + offs_d[None, :]
-        tl.atomic_add(ptrs, d_emb, mask=slot_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
-    return _dot(dsw.to(emb.dtype), emb, DOT_FP32)
+    dx = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for half in tl.static_range(2):
+        w = half * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        if TABLE == 0:
+            col = a - w + (BLOCK_N - 1)  # c2p: slot w of query row m is column n = m + BLOCK_N - 1 - w
+        else:
+            col = a + w - (BLOCK_N - 1)  # p2c: slot w of key column n is row m = w + n - BLOCK_N + 1
+        ok = (col >= 0) & (col < COLS)
+        dsw = tl.where(ok, tl.gather(ds, tl.where(ok, col, 0), axis=1), 0.0)
+        emb, slots, slot_ok = _window_rows(Pos, RelIndex, TABLE, h, dist0 + half * BLOCK_N, N, R, offs_d, D, BLOCK_N)
+        if EMB_GRAD:  # off for frozen relative embeddings (prefix tuning of a frozen backbone)
+            d_emb = _dot(tl.trans(dsw).to(x.dtype), x, DOT_FP32)
+            ptrs = DPos + (h.to(tl.int64) * (2 * N - 1) + slots)[:, None] * D + offs_d[None, :]
+            tl.atomic_add(ptrs, d_emb, mask=slot_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
+        dx += _dot(dsw.to(emb.dtype), emb, DOT_FP32)
+    return dx
 
 
 @triton.jit
@@ -457,7 +466,7 @@ def _dq_columns(lo, hi, q, do, lse, delta, rows, m0, dq, k_base, v_base, pk_base
         dq += _dot(ds.to(k.dtype), k, DOT_FP32)
         if SEQ_COLS and not PREFIX_COLS and HAS_C2P:
             dq += _rel_grad(ds, q, PosK, DPosK, RelIndex, 0, h, m0 - (start - P) - (BLOCK_N - 1), N, R, offs_d, D,
-                            C2P_GRAD, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_N, BLOCK_M + BLOCK_N)
+                            C2P_GRAD, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_N, BLOCK_D)
     return dq
 
 
@@ -569,7 +578,7 @@ def _dkdv_tile(dk, dv, start, q_hi, Q, DOut, Lse, Delta, Bias, DBias, PosK, PosQ
     dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32)
     if HAS_P2C:
         dk += _rel_grad(tl.trans(ds), k, PosQ, DPosQ, RelIndex, 1, h, start - seq0 - (BLOCK_N - 1), N, R,
-                        offs_d, D, P2C_GRAD, DOT_FP32, BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_M + BLOCK_N)
+                        offs_d, D, P2C_GRAD, DOT_FP32, BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_D)
     if BIAS_GRAD:
         ptrs = DBias + (bh.to(tl.int64) * N + rows[:, None]) * N + seq_cols[None, :]
         tl.store(ptrs, ds.to(DBias.dtype.element_ty),

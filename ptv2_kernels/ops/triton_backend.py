@@ -29,6 +29,7 @@ INTERPRETER_SMS = 2  # SMs assumed under the interpreter (the prefix-gradient ch
 COMPILE_ONLY_SMS = 132  # SMs assumed when compiling for a GPU without one (scripts/kernel_report.py): an H100
 SHARED_PER_SM = {80: 167936, 86: 102400, 87: 167936, 89: 102400, 90: 233472}  # bytes, CUDA occupancy tables
 TOP_K = 4  # configs benchmarked per autotuning key
+FALLBACK_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)  # when no config passes
 AUTOTUNE_KEY = ["D", "N", "P", "HAS_MASK", "HAS_TASKS", "HAS_BIAS", "HAS_C2P", "HAS_P2C", "VARLEN", "ATTN_DROPOUT",
                 "PREFIX_DROPOUT"]
 
@@ -62,17 +63,26 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# Registers per thread ~ c0 + c_acc * (accumulator elements per thread) + c_score * (score-tile elements per thread),
+# plus c_drop * score elements with attention dropout: least squares over the sm_90 bf16 D=64 compiles of every
+# config of the space (scripts/kernel_report.py, the "padded" and "dropout" scenarios of issue 17).
+REGISTER_MODEL = {"fwd": (22, 1.0, 3.0), "dq": (0, 1.6, 2.9), "dkdv": (35, 1.8, 2.6), "dprefix": (35, 1.8, 2.6)}
+REGISTER_MODEL_DROPOUT = 2.5
+REGISTER_LIMIT = 280  # predicted registers above which a config spills (the model is within ~25 of ptxas)
+
+
 def _estimates(kind: str, config, args) -> tuple:
-    """(float32 values per thread in live tiles, shared bytes, programs, score elements per program with the
-    padding of the tiles) of a config of kernel ``kind``."""
+    """(predicted registers per thread, shared bytes, programs, score elements per program with the padding of
+    the tiles) of a config of kernel ``kind``."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     stages, threads = config.num_stages, 32 * config.num_warps
     bd, seq, prefix, rows = args["BLOCK_D"], args["N"], args["P"], args["B"] * args["H"]
     elem = 4 if args["DOT_FP32"] else 2
-    rel = args.get("HAS_C2P", False) or args.get("HAS_P2C", False)
     window = (bm + bn) * bd * elem * (int(args.get("HAS_C2P", False)) + int(args.get("HAS_P2C", False)))
-    if kind in ("dkdv", "dprefix"):  # programs: key tiles; loop: query tiles
-        live = (2 * bn * bd + 2 * bn * bm * (2 if rel else 1)) / threads
+    c0, c_acc, c_score = REGISTER_MODEL[kind]
+    c_score += REGISTER_MODEL_DROPOUT if args.get("ATTN_DROPOUT", False) else 0.0
+    if kind in ("dkdv", "dprefix"):  # programs: key tiles (dk, dv accumulators); loop: query tiles
+        regs = c0 + c_acc * 2 * bn * bd / threads + c_score * bm * bn / threads
         shared = 2 * bn * bd * elem + stages * (2 * bm * bd * elem + 8 * bm + window)
         if kind == "dkdv":
             programs, work = rows * triton.cdiv(seq, bn), bn * triton.cdiv(seq, bm) * bm
@@ -80,26 +90,28 @@ def _estimates(kind: str, config, args) -> tuple:
             runs = args["NUM_RUNS"]
             programs = triton.cdiv(prefix, bn) * args["H"] * runs
             work = triton.cdiv(args["B"], runs) * bn * triton.cdiv(seq, bm) * bm
-    else:  # programs: query tiles; loop: key tiles (the prefix, then the sequence)
-        live = (bm * bd + (2 if kind == "dq" else 1) * bm * bn * (2 if rel else 1)) / threads
+    else:  # programs: query tiles (output / dq accumulator); loop: key tiles (the prefix, then the sequence)
+        regs = c0 + c_acc * bm * bd / threads + c_score * bm * bn / threads
         shared = (3 if kind == "dq" else 1) * bm * bd * elem + stages * (2 * bn * bd * elem + window)
         programs = rows * triton.cdiv(seq, bm)
-        split = args["PREFIX_DROPOUT"] or rel
+        split = args["PREFIX_DROPOUT"] or window
         cols = (triton.cdiv(prefix, bn) + triton.cdiv(seq, bn)) * bn if split else triton.cdiv(prefix + seq, bn) * bn
         work = bm * cols
-    return live, shared, programs, work
+    return regs, shared, programs, work
 
 
 def _prune(configs, named_args, kind: str, **kwargs):
-    """The configs worth benchmarking for kernel ``kind`` ("fwd", "dq", "dkdv") at these arguments, best
-    first by the work model, at most TOP_K:
-    - the tile that is the MMA's M (queries for fwd/dq, keys for dkdv) is >= 64 per warpgroup, so no warp
-      repeats another's product (wgmma is 64 rows per 4 warps): 4 warps for 64, 4 or 8 for 128;
-    - live float32 tiles fit 128 registers per thread and shared memory leaves room for 2 CTAs per SM
-      (estimates; scripts/kernel_report.py checks the compiled result);
-    - no tile beyond the problem (64 rows / 32 columns at least), DeBERTa windows need BLOCK_M == BLOCK_N;
+    """The configs worth benchmarking for kernel ``kind`` ("fwd", "dq", "dkdv", "dprefix") at these arguments,
+    best first by the work model, at most TOP_K:
+    - every MMA's M tile is >= 64 rows per warpgroup, so that no warp repeats another's product (wgmma is 64
+      rows per 4 warps): 4 warps need 64-row tiles (queries for fwd/dq; keys, and for their products queries,
+      for dk/dv), 8 warps 128;
+    - predicted registers (``REGISTER_MODEL``) do not spill and, with 8 warps, leave 2 CTAs per SM (<= 128);
+      shared memory leaves room for 2 CTAs per SM on the target (scripts/kernel_report.py checks the compiled
+      result);
+    - no tile beyond the problem (64 rows / 32 columns at least); DeBERTa windows need BLOCK_M == BLOCK_N;
     - model: score elements computed (padding waste included) plus a per-tile-step overhead, divided by the
-      fraction of the last wave of CTAs that is busy."""
+      fraction of the last wave of CTAs that is busy, slightly favouring deeper pipelines."""
     args = {**named_args, **kwargs}
     arch = _target_arch()
     budget = SHARED_PER_SM.get(arch, 102400) // 2 - 1024
@@ -109,23 +121,22 @@ def _prune(configs, named_args, kind: str, **kwargs):
     scored = []
     for config in configs:
         bm, bn, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
-        mma_rows = bn if kind in ("dkdv", "dprefix") else bm
+        mma_rows = min(bm, bn) if kind in ("dkdv", "dprefix") else bm
         if mma_rows < 64 * warps // 4 or (rel and bm != bn):
             continue
         if bm > max(64, triton.next_power_of_2(seq)) or bn > max(64 if mma_rows == bn else 32,
                                                                    triton.next_power_of_2(seq + prefix)):
             continue
         regs, shared, programs, work = _estimates(kind, config, args)
-        if regs > 128 or shared > budget:
+        if regs > (REGISTER_LIMIT if warps == 4 else 128) or shared > budget:
             continue
-        ctas = max(1, min(2, budget // max(shared, 1)))
-        waves = triton.cdiv(programs, sms * ctas)
-        busy = programs / (waves * sms * ctas)
+        waves = triton.cdiv(programs, sms * 2)
+        busy = programs / (waves * sms * 2)
         steps = work / (bm * bn)
         cost = (programs * (work + 4096 * steps)) / busy / config.num_stages ** 0.25
         scored.append((cost, -bm * bn, -warps, config))
     scored.sort(key=lambda entry: entry[:3])
-    return [entry[-1] for entry in scored[:TOP_K]] or [configs[0]]
+    return [entry[-1] for entry in scored[:TOP_K]] or [FALLBACK_CONFIG]
 
 
 def _autotuned(kernel, kind: str, reset=()):
