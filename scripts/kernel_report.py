@@ -36,7 +36,6 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.driver import DriverBase  # noqa: E402
@@ -49,8 +48,8 @@ from ptv2_kernels.ops import prefix_attention as public_op  # noqa: E402
 
 # Per-SM limits of the targets (CUDA occupancy calculator, compute capability 8.0 / 9.0).
 SM_LIMITS = {
-    80: dict(regs=65536, smem=167936, threads=2048, ctas=32, block_smem=166912),
-    90: dict(regs=65536, smem=233472, threads=2048, ctas=32, block_smem=232448),
+    80: dict(regs=65536, smem=167936, threads=2048, ctas=32),
+    90: dict(regs=65536, smem=233472, threads=2048, ctas=32),
 }
 RESERVED_SMEM = 1024  # per CTA, reserved by the driver on sm_80+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -172,8 +171,8 @@ def _backward(out):
 def scenario_padded(dtype, **kw):
     B, H, N, P, D = (SHAPE[k] for k in "BHNPD")
     q, k, v = _qkv(B, H, N, D, dtype)
-    _backward(ptv2_kernels.prefix_attention(q, k, v, *_prefix(H, P, D, dtype), key_padding_mask=_right_padded_mask(B, N),
-                                            backend="triton", **kw))
+    _backward(ptv2_kernels.prefix_attention(q, k, v, *_prefix(H, P, D, dtype),
+                                            key_padding_mask=_right_padded_mask(B, N), backend="triton", **kw))
 
 
 def scenario_plain(dtype):
@@ -220,8 +219,9 @@ def _deberta(dtype, trained_embeddings, **kw):
     emb = [torch.empty(H, 2 * span, D, dtype=dtype).normal_().requires_grad_(trained_embeddings) for _ in range(2)]
     bias = ptv2_kernels.DisentangledBias.from_relative_positions(rel, span, *emb)
     q, k, v = _qkv(B, H, N, D, dtype)
-    _backward(ptv2_kernels.prefix_attention(q, k, v, *_prefix(H, P, D, dtype), key_padding_mask=_right_padded_mask(B, N),
-                                            scale=(3 * D) ** -0.5, disentangled_bias=bias, backend="triton", **kw))
+    _backward(ptv2_kernels.prefix_attention(q, k, v, *_prefix(H, P, D, dtype),
+                                            key_padding_mask=_right_padded_mask(B, N), scale=(3 * D) ** -0.5,
+                                            disentangled_bias=bias, backend="triton", **kw))
 
 
 def scenario_deberta(dtype):
@@ -372,7 +372,8 @@ def _cell(row, key):
     if key == "tiles":
         return "×".join(str(v) for v in row["tiles"].values()) or "-"
     if key == "mma":
-        kinds = [f"{name}×{row[field]}" for name, field in (("wgmma", "wgmma"), ("mma.sync", "mma_sync")) if row[field]]
+        kinds = [f"{name}×{row[field]}" for name, field in (("wgmma", "wgmma"), ("mma.sync", "mma_sync"))
+                 if row[field]]
         return " ".join(kinds) or "none"
     if key == "kernel":
         return row["kernel"].replace("prefix_attention_", "").replace("_kernel", "")
@@ -394,6 +395,42 @@ def markdown(rows) -> str:
             for r in sel:
                 out.append("| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |")
     return "\n".join(out) + "\n"
+
+
+# elementwise helpers: no MMA to expect (the last is the backward preprocessing of the kernels before issue 17)
+MATMUL_FREE = ("prefix_dropout_mask_kernel", "prefix_grad_reduce_kernel", "prefix_attention_bwd_preprocess_kernel")
+
+
+def targets(rows) -> list:
+    """SPEC §4's compiler-evidence targets (sm_90, D=64) and issue 17's DeBERTa ones over the rows:
+    ``[(target, met, offending rows)]``."""
+    sm90 = [r for r in rows if r["arch"] == 90]
+    deberta = [r for r in rows if r["scenario"].startswith("deberta")]
+    checks = [
+        ("sm_90: 0 B spills in every kernel, with or without dropout",
+         [r for r in sm90 if r["spill_bytes"] and not r["scenario"].startswith("deberta")]),
+        ("sm_90: no fenced atomics in the non-deterministic backward",
+         [r for r in sm90 if r["fences"] and r["scenario"] != "deterministic"]),
+        ("sm_90: wgmma in every attention kernel", [r for r in sm90 if not r["wgmma"] and r["kernel"] not in MATMUL_FREE]),
+        ("sm_90: >= 2 CTAs/SM for every kernel of the plain path",
+         [r for r in sm90 if r["scenario"] in PLAIN_PATH and r["ctas_per_sm"] < 2]),
+        ("DeBERTa: 0 B spills on sm_90", [r for r in deberta if r["arch"] == 90 and r["spill_bytes"]]),
+        ("DeBERTa: < 1 KB spills on sm_80", [r for r in deberta if r["arch"] == 80 and r["spill_bytes"] >= 1024]),
+    ]
+    return [(name, not bad, bad) for name, bad in checks]
+
+
+def targets_markdown(rows) -> str:
+    lines = ["| target | met | where not |", "| --- | --- | --- |"]
+    for name, met, bad in targets(rows):
+        dtypes = {}
+        for r in bad:  # one entry per kernel and config, its dtypes together
+            key = (f"sm_{r['arch']} {r['scenario']} {_cell(r, 'kernel')} {_cell(r, 'tiles')}/{r['warps']}w/"
+                   f"{r['stages']}s: {r['spill_bytes']} B spills, {r['ctas_per_sm']} CTAs/SM, {r['fences']} fences")
+            dtypes.setdefault(key, set()).add(r["dtype"])
+        where = "; ".join(f"{key} ({'/'.join(sorted(d))})" for key, d in sorted(dtypes.items()))
+        lines.append(f"| {name} | {'yes' if met else 'no'} | {where or '-'} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -420,7 +457,7 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.markdown:
-        Path(args.markdown).write_text(markdown(rows))
+        Path(args.markdown).write_text(targets_markdown(rows) + markdown(rows))
     return rows
 
 

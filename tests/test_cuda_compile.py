@@ -102,7 +102,8 @@ def _philox_words_kernel(C0, C1, C2, Words, seed, STREAM: tl.constexpr, BLOCK: t
     offs = tl.arange(0, BLOCK)
     c0 = tl.load(C0 + offs).to(tl.uint32)
     zero = c0 * 0
-    words = tl.random.philox(seed, c0, tl.load(C1 + offs).to(tl.uint32), tl.load(C2 + offs).to(tl.uint32), zero + STREAM)
+    c1 = tl.load(C1 + offs).to(tl.uint32)
+    words = tl.random.philox(seed, c0, c1, tl.load(C2 + offs).to(tl.uint32), zero + STREAM)
     for w in tl.static_range(4):
         tl.store(Words + offs * 4 + w, words[w].to(tl.int64) & 0xFFFFFFFF)
 
@@ -158,8 +159,8 @@ def test_philox_words_match_triton_bit_for_bit(philox_binary):
 def test_attention_keep_matches_the_triton_kernels(philox_binary):
     """philox.cuh's contract-v2 keep decisions equal the Triton kernels' attention-dropout tile (4 columns per
     Philox call), including large row/column/batch-head counters."""
-    for seed, (row0, col0, bh), p in zip(SEEDS, [(0, 0, 0), (37, 64, 5), (2**20 + 3, 2**24, 777), (2**30, 2**28 + 4, 2**30)],
-                                         (0.1, 0.5, 0.9, 0.3)):
+    tiles = [(0, 0, 0), (37, 64, 5), (2**20 + 3, 2**24, 777), (2**30, 2**28 + 4, 2**30)]  # (row0, col0, b*H + h)
+    for seed, (row0, col0, bh), p in zip(SEEDS, tiles, (0.1, 0.5, 0.9, 0.3)):
         threshold = round(p * (1 << 24))
         keep = torch.empty(16, 32, dtype=torch.int32, device=DEVICE)
         _attention_keep_kernel[(1,)](keep, seed, row0, col0, bh, threshold, BLOCK_M=16, BLOCK_N=32)

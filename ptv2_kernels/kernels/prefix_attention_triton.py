@@ -543,8 +543,9 @@ def _dkdv_tile(dk, dv, start, q_hi, Q, DOut, Lse, Delta, Bias, DBias, PosK, PosQ
     terms, only read with those) of batch row ``b``, head ``h``, from its query tile ``start ..`` (the row's
     ``q_hi`` queries start at token ``tok0``; ``N`` is the lse/bias row stride). Rows of columns that are not
     visible (``col_valid``) are left unmasked: a key's dk/dv depend on its own column only, so the caller
-    zeroes them once at the end. With BIAS_GRAD the tile's score gradient is the bias gradient, written to ``DBias``; with P2C_GRAD its share of
-    the p2c embeddings' gradient goes to ``DPosQ`` (per distance, unscaled)."""
+    zeroes them once at the end. With BIAS_GRAD the tile's score gradient is the bias gradient, written to
+    ``DBias``; with P2C_GRAD its share of the p2c embeddings' gradient goes to ``DPosQ`` (per distance,
+    unscaled)."""
     offs_d = tl.arange(0, BLOCK_D)
     q_base = Q + b.to(tl.int64) * stride_qb + tok0 * stride_qn + h * stride_qh
     do_base = DOut + b.to(tl.int64) * stride_gb + tok0 * stride_gn + h * stride_gh
