@@ -382,6 +382,26 @@ def _cell(row, key):
     return str(row[key])
 
 
+def summary_markdown(rows) -> str:
+    """One line per kernel launch (arch, dtype, scenario, kernel): its first config (the autotuner's first
+    candidate, which the deterministic path and the interpreter-free fixed launches run), and over all the
+    configs compiled for it the most spilled bytes and the fewest CTAs/SM."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["dtype"], r["scenario"], r["kernel"]), []).append(r)
+    head = ["sm", "dtype", "scenario", "kernel", "first config", "regs", "spill B", "smem B", "CTAs/SM", "mma",
+            "atomics", "fences", "configs", "worst spill B", "min CTAs/SM"]
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for (arch, dtype, scenario, _), group in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1:])):
+        r = group[0]
+        config = f"{_cell(r, 'tiles')}/{r['warps']}w/{r['stages']}s"
+        out.append("| " + " | ".join(map(str, [
+            arch, dtype, scenario, _cell(r, "kernel"), config, r["registers"], r["spill_bytes"], r["shared"],
+            r["ctas_per_sm"], _cell(r, "mma"), r["atomics"], r["fences"], len(group),
+            max(g["spill_bytes"] for g in group), min(g["ctas_per_sm"] for g in group)])) + " |")
+    return "\n".join(out) + "\n"
+
+
 def markdown(rows) -> str:
     out = []
     for arch in sorted({r["arch"] for r in rows}, reverse=True):
@@ -457,7 +477,8 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.markdown:
-        Path(args.markdown).write_text(targets_markdown(rows) + markdown(rows))
+        Path(args.markdown).write_text("## Targets\n\n" + targets_markdown(rows) + "\n## Per launch\n\n"
+                                       + summary_markdown(rows) + "\n## Every compiled config\n" + markdown(rows))
     return rows
 
 

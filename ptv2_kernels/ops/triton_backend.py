@@ -67,7 +67,7 @@ def _cuda_sm_count(index: int) -> int:
 # plus c_drop * score elements with attention dropout: least squares over the sm_90 bf16 D=64 compiles of every
 # config of the space (scripts/kernel_report.py, the "padded" and "dropout" scenarios of issue 17).
 REGISTER_MODEL = {"fwd": (22, 1.0, 3.0), "dq": (0, 1.6, 2.9), "dkdv": (35, 1.8, 2.6), "dprefix": (35, 1.8, 2.6)}
-REGISTER_MODEL_DROPOUT = 2.5
+REGISTER_MODEL_DROPOUT = {"fwd": 2.5, "dq": 3.0, "dkdv": 0.3, "dprefix": 0.7}
 # predicted registers above which a config spills (the model is within ~25 of ptxas on sm_90; sm_80's mma.sync keeps
 # more in registers)
 REGISTER_LIMIT = {80: 190, 90: 280}
@@ -84,7 +84,7 @@ def _estimates(kind: str, config, args) -> tuple:
     elem = 4 if args["DOT_FP32"] else 2
     window = (bm + bn) * bd * elem * (int(args.get("HAS_C2P", False)) + int(args.get("HAS_P2C", False)))
     c0, c_acc, c_score = REGISTER_MODEL[kind]
-    c_score += REGISTER_MODEL_DROPOUT if args.get("ATTN_DROPOUT", False) else 0.0
+    c_score += REGISTER_MODEL_DROPOUT[kind] if args.get("ATTN_DROPOUT", False) else 0.0
     if kind in ("dkdv", "dprefix"):  # programs: key tiles (dk, dv accumulators); loop: query tiles
         regs = c0 + c_acc * 2 * bn * bd / threads + c_score * bm * bn / threads
         shared = 2 * bn * bd * elem + stages * (2 * bm * bd * elem + 8 * bm + window)
