@@ -111,28 +111,33 @@ def _prune(configs, named_args, kind: str, **kwargs):
       rows per 4 warps): 4 warps need 64-row tiles (queries for fwd/dq; keys, and for their products queries,
       for dk/dv), 8 warps 128;
     - predicted registers (``REGISTER_MODEL``) do not spill and, with 8 warps, leave 2 CTAs per SM (<= 128);
-      shared memory leaves room for 2 CTAs per SM on the target (scripts/kernel_report.py checks the compiled
-      result);
-    - no tile beyond the problem (64 rows / 32 columns at least); DeBERTa windows need BLOCK_M == BLOCK_N;
+      shared memory leaves room for 2 CTAs per SM on the target (1 with DeBERTa's windows; scripts/kernel_report.py
+      checks the compiled result);
+    - no tile beyond the problem (64 rows / 32 columns at least); DeBERTa's windows take 64 x 64 tiles (larger
+      ones spill kilobytes more). They also run on 8 warps although warps 4-7 then repeat the 64-row products of warps 0-3: its
+      window gathers spill 2-3x less there than on 4 warps (scripts/kernel_report.py), which one is faster
+      needs a GPU to tell, so both are benchmarked (8 warps first);
     - model: score elements computed (padding waste included) plus a per-tile-step overhead, divided by the
       fraction of the last wave of CTAs that is busy, slightly favouring deeper pipelines."""
     args = {**named_args, **kwargs}
     arch = _target_arch()
-    budget = SHARED_PER_SM.get(arch, 102400) // 2 - 1024
     seq, prefix = args["N"], args["P"]
     rel = args.get("HAS_C2P", False) or args.get("HAS_P2C", False)
+    # 2 CTAs per SM; DeBERTa's window tiles fill an SM with one CTA whatever the config: 1
+    budget = SHARED_PER_SM.get(arch, 102400) // (1 if rel else 2) - 1024
     sms = _sm_count(args["Q"].device) if "Q" in args else COMPILE_ONLY_SMS
     scored = []
     for config in configs:
         bm, bn, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
         mma_rows = min(bm, bn) if kind in ("dkdv", "dprefix") else bm
-        if mma_rows < 64 * warps // 4 or (rel and bm != bn):
+        replicated_ok = rel and bm == bn == 64 and kind != "dprefix"  # see below
+        if (mma_rows < 64 * warps // 4 and not replicated_ok) or (rel and not bm == bn == 64):
             continue
         if bm > max(64, triton.next_power_of_2(seq)) or bn > max(64 if mma_rows == bn else 32,
                                                                    triton.next_power_of_2(seq + prefix)):
             continue
         regs, shared, programs, work = _estimates(kind, config, args)
-        limit = REGISTER_LIMIT.get(arch, 190) if warps == 4 else EIGHT_WARP_LIMIT.get(arch, 80)
+        limit = REGISTER_LIMIT.get(arch, 190) if warps == 4 or rel else EIGHT_WARP_LIMIT.get(arch, 80)
         if regs > limit or shared > budget:
             continue
         waves = triton.cdiv(programs, sms * 2)
