@@ -604,10 +604,9 @@ def prefix_attention_bwd_dprefix_kernel(
     and spill). The program sums the run's gradient in one pair of float32 accumulators, in one
     software-pipelined loop over its (row, query tile) pairs, and writes it once:
     - default: one relaxed float32 atomic add per element into ``DPrefix`` = the gradient ``[2, T, H, P, D]``;
-    - DETERMINISTIC: a plain store into ``DPrefix`` = the (zero-initialised) partials ``[NUM_RUNS, 2, H, P, D]``
-      at slot ``run``.
-      Every slot is written by exactly one program, once, and nothing reads it in this kernel: no access can
-      race; ``prefix_grad_reduce_kernel`` then sums each task's slots in a fixed order.
+    - DETERMINISTIC: a plain store into ``DPrefix`` = the (zero-initialised) partials ``[NUM_RUNS, 2, H, P, D]`` at
+      slot ``run``. Every slot is written by exactly one program, once, and nothing reads it in this kernel: no
+      access can race; ``prefix_grad_reduce_kernel`` then sums each task's slots in a fixed order.
     Its own kernel rather than programs of the dk/dv kernel: the accumulators and the run state would push that
     kernel's register allocation (shared by all its programs) into spills."""
     pid = tl.program_id(0)
