@@ -1,5 +1,5 @@
 """Independent float64 references for the tests: concatenation attention (SPEC §1) and the Philox4x32-10
-dropout-mask contract of the fused kernels, written from scratch in PyTorch integer arithmetic."""
+dropout-mask contract (v2) of every backend, written from scratch in PyTorch integer arithmetic."""
 
 import torch
 
@@ -30,29 +30,6 @@ def philox(seed: int, c0, c1, c2, c3) -> tuple:
     return c0, c1, c2, c3
 
 
-def philox_word0(seed: int, c0, c1, c2, c3) -> torch.Tensor:
-    """First output word of Philox4x32-10 with key ``(seed lo, seed hi)`` and counters ``c0..c3``."""
-    return philox(seed, c0, c1, c2, c3)[0]
-
-
-def keep_mask(seed: int, p: float, c0, c1, c2, stream: int) -> torch.Tensor:
-    """Keep iff ``(word0 >> 8) >= round(p * 2**24)`` (the kernels' contract)."""
-    return (philox_word0(seed, c0, c1, c2, stream) >> 8) >= round(p * (1 << 24))
-
-
-def kernel_dropout_masks(seed, batch, heads, seq, num_prefix, dim, p, prefix_p):
-    """The fused kernels' masks: attention ``[B, H, N, P + N]`` (counter (c, i, b*H+h, 0)) and prefix
-    key/value ``[B, H, P, D]`` (counters (d, j, b*H+h, 1 or 2)); None where the rate is 0."""
-    bh = torch.arange(batch * heads).view(batch, heads, 1, 1)
-    attn = keep_mask(seed, p, torch.arange(num_prefix + seq).view(1, 1, 1, -1), torch.arange(seq).view(1, 1, -1, 1),
-                     bh, 0) if p > 0 else None
-    if prefix_p == 0:
-        return attn, None, None
-    d = torch.arange(dim).view(1, 1, 1, -1)
-    j = torch.arange(num_prefix).view(1, 1, -1, 1)
-    return attn, keep_mask(seed, prefix_p, d, j, bh, 1), keep_mask(seed, prefix_p, d, j, bh, 2)
-
-
 def reference_attention(q, k, v, prefix_k, prefix_v, mask=None, task_ids=None, scale=None,
                         attn_keep=None, keep_k=None, keep_v=None, p=0.0, prefix_p=0.0, bias=None):
     """SPEC §1 by concatenation in float64 (``bias`` on the sequence columns only). Rows with no visible
@@ -80,6 +57,7 @@ def reference_attention(q, k, v, prefix_k, prefix_v, mask=None, task_ids=None, s
 # ----- RNG contract v2 (every backend): all four Philox outputs are used ---------------------------------------
 # Element x of a row of consecutive elements (attention column c, or prefix element d) comes from the
 # counter whose first word is x >> 2, output word x & 3. Keep iff (word >> 8) >= round(p * 2**24).
+# (Contract v1, one call per element reading word 0 only, is gone: nothing uses it.)
 
 
 def keep_mask_v2(seed: int, p: float, x, c1, c2, stream: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
-// Philox4x32-10 and the dropout keep test of the RNG contract shared with the Triton kernels
-// (kernels/prefix_attention_triton.py): key (seed lo, seed hi), counter (c0, c1, c2, c3), keep iff
-// (word0 >> 8) >= threshold. Bit-identical to triton.language.random.philox. Also compiles as plain
-// host C++ (tests/test_cuda_compile.py checks it against Triton's interpreter).
+// Philox4x32-10 and the dropout keep test of RNG contract v2, shared with the Triton kernels
+// (kernels/prefix_attention_triton.py): key (seed lo, seed hi), counter (x >> 2, c1, c2, stream), element x
+// reads output word x & 3, keep iff (word >> 8) >= threshold. Bit-identical to triton.language.random.philox.
+// Also compiles as plain host C++ (tests/test_cuda_compile.py checks it against the Triton kernels' masks
+// under the interpreter).
 #pragma once
 
 #include <cstdint>
@@ -22,8 +23,8 @@ PTV2_HOST_DEVICE uint32_t mul_hi_u32(uint32_t a, uint32_t b) {
 #endif
 }
 
-// First output word of Philox4x32-10 (Salmon et al. 2011) for the given counter and 64-bit seed.
-PTV2_HOST_DEVICE uint32_t philox_word0(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+// The four output words of Philox4x32-10 (Salmon et al. 2011) for the given counter and 64-bit seed.
+PTV2_HOST_DEVICE void philox4(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t out[4]) {
   constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
   constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
@@ -40,17 +41,24 @@ PTV2_HOST_DEVICE uint32_t philox_word0(uint64_t seed, uint32_t c0, uint32_t c1, 
     k0 += kKeyA;
     k1 += kKeyB;
   }
-  return c0;
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
 }
 
 // Counter word c3 of each dropout stream.
 enum RngStream : uint32_t { kAttnStream = 0, kPrefixKStream = 1, kPrefixVStream = 2 };
 
-// Keep test of the contract. Attention probability (row i, column c, batch-head bh): counter (c, i, bh, 0);
-// prefix key/value element (bh, j, d): counter (d, j, bh, 1 or 2).
-PTV2_HOST_DEVICE bool dropout_keep(uint64_t seed, uint32_t threshold, uint32_t c0, uint32_t c1, uint32_t bh,
+// Keep test of RNG contract v2. Element x of a run of consecutive elements (attention column c of query row
+// i, or prefix element d of prefix row j) reads word x & 3 of the counter (x >> 2, i or j, bh, stream): one
+// Philox call serves four consecutive elements. Keep iff (word >> 8) >= threshold.
+PTV2_HOST_DEVICE bool dropout_keep(uint64_t seed, uint32_t threshold, uint32_t x, uint32_t c1, uint32_t bh,
                                    RngStream stream) {
-  return (philox_word0(seed, c0, c1, bh, stream) >> 8) >= threshold;
+  uint32_t words[4];
+  philox4(seed, x >> 2, c1, bh, stream, words);
+  const uint32_t word = (x & 2) ? ((x & 1) ? words[3] : words[2]) : ((x & 1) ? words[1] : words[0]);
+  return (word >> 8) >= threshold;
 }
 
 }  // namespace ptv2
