@@ -10,7 +10,7 @@ import torch
 from .common import Dropout, Options
 from .disentangled import DisentangledBias, bias_matrix, check_disentangled
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
+BACKENDS = ("auto", "triton", "cuda", "torch", "torch-ref")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
 KERNEL_HEAD_DIMS = range(16, 129)
@@ -140,9 +140,13 @@ def _check_scale(scale, head_dim):
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs: ``auto`` is triton on a GPU and torch on the CPU."""
+    """The backend that runs: ``auto`` is triton on a GPU and torch on the CPU. ``torch-ref`` (the
+    pure-PyTorch composition) is validated as and returned as ``torch``; the torch branch of the dispatch
+    picks the fused CPU kernel or the composition (:func:`~ptv2_kernels.ops.cpu_backend.use_cpu_kernel`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch-ref":
+        return "torch"
     if backend == "auto":  # triton until the CUDA kernels have been validated on a GPU
         return "triton" if device.type == "cuda" else "torch"
     if backend == "cuda":
@@ -247,7 +251,9 @@ def prefix_attention(
         prefix_dropout_p: P-Tuning v2 prefix dropout: an independent mask per batch row over the prefix
             K/V elements, drawn in-kernel (no ``[B, H, P, D]`` tensor on the fused backends).
         backend: ``"auto"`` (triton on a GPU, torch on the CPU), ``"triton"`` (on CPU tensors under
-            the Triton interpreter), ``"cuda"`` or ``"torch"`` (pure PyTorch, no concatenation).
+            the Triton interpreter), ``"cuda"``, ``"torch"`` (CPU tensors: the fused C++ kernel; CUDA tensors,
+            or no C++ compiler: the composition) or ``"torch-ref"`` (the pure-PyTorch composition, no
+            concatenation).
         deterministic: reduce the prefix gradients over the batch in a fixed order instead of with
             atomics (also on when ``torch.use_deterministic_algorithms(True)``); ``disentangled_bias`` is then
             materialised (its fused gradient uses atomics).
@@ -267,7 +273,7 @@ def prefix_attention(
     """
     _check_qkv(q, k, v)
     _check_prefix(q, prefix_k, prefix_v)
-    backend = resolve_backend(backend, q.device)
+    requested, backend = backend, resolve_backend(backend, q.device)
     _check_common(q, {"k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}, backend)
     mask = _check_mask(q, key_padding_mask)
     task_ids = _check_task_ids(q, q.shape[0], prefix_k, task_ids)
@@ -287,9 +293,11 @@ def prefix_attention(
         relative = bias_matrix(q, k, disentangled, options.scale)
         bias, disentangled = relative if bias is None else bias + relative, None
     if backend == "torch":
+        from .cpu_backend import cpu_prefix_attention, use_cpu_kernel
         from .torch_backend import torch_prefix_attention
 
-        return torch_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
+        attend = cpu_prefix_attention if use_cpu_kernel(requested, q.device) else torch_prefix_attention
+        return attend(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
     from .triton_backend import triton_prefix_attention
 
     return triton_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options,
@@ -325,20 +333,22 @@ def prefix_attention_varlen(
 
     Returns:
         ``[total_tokens, H, D]``, differentiable in q, k, v, prefix_k and prefix_v. The Triton backend
-        reads the packed tokens in place; the torch backend pads, attends and unpacks.
+        reads the packed tokens in place; so does the fused CPU kernel (``backend="torch"``); ``torch-ref`` pads, attends and unpacks.
     """
     _check_qkv(q, k, v, layout="[total_tokens, H, D]")
     _check_prefix(q, prefix_k, prefix_v)
-    backend = resolve_backend(backend, q.device)
+    requested, backend = backend, resolve_backend(backend, q.device)
     _check_common(q, {"k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}, backend)
     cu_seqlens, max_seqlen = _check_cu_seqlens(q, cu_seqlens, max_seqlen)
     task_ids = _check_task_ids(q, cu_seqlens.shape[0] - 1, prefix_k, task_ids)
     options = _options(q.shape[-1], scale, dropout_p, prefix_dropout_p, deterministic, max_seqlen)
     prefix_k, prefix_v = _bank(prefix_k, prefix_v, backend)
     if backend == "torch":
+        from .cpu_backend import cpu_prefix_attention_varlen, use_cpu_kernel
         from .torch_backend import torch_prefix_attention_varlen
 
-        return torch_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options)
+        attend = cpu_prefix_attention_varlen if use_cpu_kernel(requested, q.device) else torch_prefix_attention_varlen
+        return attend(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options)
     if backend == "cuda":
         raise ValueError("packed sequences (prefix_attention_varlen) are not supported by backend='cuda' yet; use "
                          "backend='triton' or 'torch'")

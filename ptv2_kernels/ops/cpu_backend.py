@@ -1,0 +1,213 @@
+"""Host side of the fused CPU kernels (``csrc/cpu``): what ``backend="torch"`` runs on CPU tensors.
+
+The kernels (C++, ATen ``at::vec``, ``at::parallel_for``) do one online-softmax pass per query block over
+the prefix read from the compact ``[T, H, P, D]`` bank and then the sequence, skipping keys past a row's
+last real token, and save the row log-sum-exp; the backward recomputes the probabilities per block and
+reduces the prefix gradients over the batch in a fixed order (deterministic, whatever the number of
+threads). Dropout follows RNG contract v2 (``ops/philox.py``), so a seed gives the masks of every other
+backend. Inputs are read in place (strided q/k/v views, a strided bank); half precision accumulates in
+float32, float64 in float64.
+
+Build: ahead of time (``PTV2_BUILD_CPU=1 pip install --no-build-isolation -e .``, see ``setup.py``), or with
+ninja on first use through ``torch.utils.cpp_extension.load``, cached by torch under
+``TORCH_EXTENSIONS_DIR``. The JIT build compiles for the machine it runs on: ``-O3 -march=native`` and the
+``CPU_CAPABILITY_*`` macro of the instruction set torch uses here (``torch.backends.cpu.get_cpu_capability()``),
+which selects ATen's vectorised ``at::vec`` implementation (AVX512 or AVX2; scalar otherwise). Importing
+this module builds nothing and never fails; without a compiler or ninja (or with
+``PTV2_DISABLE_CPU_KERNEL=1``) :func:`use_cpu_kernel` says no, warning once, and ``backend="torch"`` runs the
+pure-PyTorch composition (``backend="torch-ref"``) instead.
+
+``cpu_forward`` / ``cpu_backward`` are plain functions of tensors; :class:`CpuPrefixAttention` is the
+autograd Function around them.
+"""
+
+import functools
+import hashlib
+import importlib
+import os
+import platform
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from .common import Options
+
+EXTENSION_NAME = "ptv2_prefix_attention_cpu"
+CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
+SOURCES = ("binding.cpp", "forward.cpp", "backward.cpp")
+CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")  # ATen's CPU_CAPABILITY names, weakest first
+DISABLE_ENV = "PTV2_DISABLE_CPU_KERNEL"
+
+
+def _capability() -> str:
+    """The vector instruction set torch's own CPU kernels use here (honours ``ATEN_CPU_CAPABILITY``)."""
+    name = torch.backends.cpu.get_cpu_capability()
+    return name if name in CAPABILITIES else "DEFAULT"
+
+
+def jit_flags(capability: str) -> list:
+    """Compiler flags of the first-use build on this machine: ``-march=native`` (the binary never leaves
+    it) plus the ``CPU_CAPABILITY_*`` macro that makes ``at::vec`` use AVX512/AVX2 registers."""
+    flags = ["-O3", "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"]
+    if capability != "DEFAULT":
+        flags.append(f"-DCPU_CAPABILITY_{capability}")
+    return flags
+
+
+def _jit_name(capability: str) -> str:
+    """Extension name of the JIT build: the capability and a hash of this CPU's model and flags, so that a
+    build cache shared between different machines never hands one a binary for another's instructions."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = "".join(line for line in f if line.startswith(("model name", "flags")))
+    except OSError:
+        pass
+    build = f"{cpu}|{torch.__version__}|{sys.version}"
+    return f"{EXTENSION_NAME}_{capability.lower()}_{hashlib.sha1(build.encode()).hexdigest()[:8]}"
+
+
+def _build_directory(name: str) -> Path:
+    """``TORCH_EXTENSIONS_DIR`` (else torch's default root) / name."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR", get_default_build_root())) / name
+
+
+def _ahead_of_time() -> Optional[object]:
+    """``ptv2_kernels._cpu_ext`` from ``PTV2_BUILD_CPU=1`` if installed and runnable on this CPU."""
+    try:
+        module = importlib.import_module("ptv2_kernels._cpu_ext")
+    except ImportError:
+        return None
+    compiled = module.capability()
+    return module if CAPABILITIES.index(compiled) <= CAPABILITIES.index(_capability()) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> Tuple[Optional[object], str]:
+    """The compiled extension and how it was had, or ``(None, why not)``. One attempt per process."""
+    if os.environ.get(DISABLE_ENV) == "1":
+        return None, f"disabled by {DISABLE_ENV}=1"
+    module = _ahead_of_time()
+    if module is not None:
+        return module, f"ahead-of-time build ({module.capability()})"
+    from torch.utils.cpp_extension import is_ninja_available, load
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return None, f"no C++ compiler ({compiler!r} not found; set CXX)"
+    if not is_ninja_available():
+        return None, "ninja is not installed (pip install ninja)"
+    if not all((CSRC / name).exists() for name in SOURCES):
+        return None, f"the kernel sources are missing from {CSRC}"
+    capability = _capability()
+    name = _jit_name(capability)
+    directory = _build_directory(name)
+    if not (directory / f"{name}.so").exists():
+        print(f"ptv2_kernels: building the fused CPU kernel for {capability} (first use, about a minute; cached in "
+              f"{directory})", file=sys.stderr, flush=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        module = load(name=name, sources=[str(CSRC / n) for n in SOURCES], extra_cflags=jit_flags(capability),
+                      extra_include_paths=[str(CSRC)], build_directory=str(directory), verbose=False)
+    except Exception as error:  # a failed compile or link: keep the compiler output for the user
+        log = directory / "build.log"
+        log.write_text(f"{type(error).__name__}: {error}\n")
+        return None, f"building it failed; compiler output in {log}"
+    return module, f"JIT build {name} ({capability})"
+
+
+def cpu_kernel_status() -> Tuple[bool, str]:
+    """``(available, how it was built or why it is not)``; builds the extension on the first call."""
+    module, reason = _load()
+    return module is not None, reason
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(f"ptv2_kernels: the fused CPU kernel is unavailable ({reason}); backend='torch' runs the "
+                  "pure-PyTorch composition (backend='torch-ref') instead", RuntimeWarning, stacklevel=4)
+
+
+def use_cpu_kernel(requested: str, device: torch.device) -> bool:
+    """Whether a call that asked for ``requested`` (``auto``/``torch``/``torch-ref``) on ``device`` runs the
+    fused CPU kernel: CPU tensors, not ``torch-ref``, and the extension is built (else a warning, once)."""
+    if requested == "torch-ref" or device.type != "cpu":
+        return False
+    module, reason = _load()
+    if module is None:
+        _warn_fallback(reason)
+        return False
+    return True
+
+
+def _extension():
+    module, reason = _load()
+    if module is None:
+        raise RuntimeError(f"ptv2_kernels: the fused CPU kernel is unavailable: {reason}")
+    return module
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def cpu_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, options: Options):
+    """``(out, lse)``: out like q (padded ``[B, H, N, D]`` stored as ``[B, N, H, D]``, or packed
+    ``[total, H, D]``), lse ``[B, H, N]`` float32 (float64 for float64 inputs; +inf where a row sees no
+    column). ``bias`` in q's dtype or None; ``cu_seqlens`` int64 ``[B + 1]`` for packed rows or None."""
+    dropout = options.dropout
+    return _extension().forward(q, k, v, _unit_last(prefix_k), _unit_last(prefix_v), mask, task_ids, bias,
+                                cu_seqlens, options.max_seqlen, options.scale, dropout.seed, dropout.p,
+                                dropout.prefix_p)
+
+
+def cpu_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, out, lse, options: Options,
+                 bias_grad: bool):
+    """``(dq, dk, dv, dprefix_k, dprefix_v, dbias)``: dq/dk/dv like q; the prefix gradients ``[T, H, P, D]``
+    summed over the rows of each task in float32 (float64); dbias ``[B, H, N, N]`` in q's dtype if
+    ``bias_grad`` else None."""
+    dropout = options.dropout
+    dq, dk, dv, dpk, dpv, dbias = _extension().backward(
+        _unit_last(d_out), q, k, v, _unit_last(prefix_k), _unit_last(prefix_v), mask, task_ids, bias, cu_seqlens,
+        options.max_seqlen, out, lse, bias_grad, options.scale, dropout.seed, dropout.p, dropout.prefix_p)
+    return dq, dk, dv, dpk, dpv, dbias if bias_grad else None
+
+
+class CpuPrefixAttention(torch.autograd.Function):
+    """Inputs: q, k, v ``[B, H, N, D]`` or packed ``[total, H, D]`` (unit last stride); prefix_k, prefix_v
+    ``[T, H, P, D]``; bool mask ``[B, N]`` (contiguous) or None; task_ids ``[B]`` int64 or None; attention
+    bias ``[B, H, N, N]`` in q's dtype (any strides) or None; cu_seqlens int64 ``[B + 1]`` or None;
+    :class:`Options`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, options: Options):
+        out, lse = cpu_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, options)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, out, lse)
+        ctx.options = options
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, out, lse = ctx.saved_tensors
+        dq, dk, dv, dpk, dpv, dbias = cpu_backward(d_out.to(q.dtype), q, k, v, prefix_k, prefix_v, mask, task_ids,
+                                                   bias, cu_seqlens, out, lse, ctx.options, ctx.needs_input_grad[7])
+        return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), None, None, dbias, None, None
+
+
+def cpu_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options) -> torch.Tensor:
+    """Validated entry point of the fused CPU kernel (see :func:`ptv2_kernels.prefix_attention`)."""
+    if bias is not None and bias.dtype != q.dtype:
+        bias = bias.to(q.dtype)
+    return CpuPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, None, options)
+
+
+def cpu_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options: Options) -> torch.Tensor:
+    """Validated entry point for packed rows (see :func:`ptv2_kernels.prefix_attention_varlen`): read in place,
+    no padding."""
+    return CpuPrefixAttention.apply(q, k, v, prefix_k, prefix_v, None, task_ids, None, cu_seqlens, options)
