@@ -63,9 +63,26 @@ struct BackwardWork {
     std::fill(s.dpk.get(), s.dpk.get() + p.prefix * dp, acc_t(0));
     std::fill(s.dpv.get(), s.dpv.get() + p.prefix * dp, acc_t(0));
     const std::vector<Chunk> chunks = row_chunks(p, vis, b);
-    for (int64_t i0 = 0; i0 < length; i0 += kBlockQ)
-      query_block(b, h, i0, std::min(kBlockQ, length - i0), prefix, seq, chunks, s);
+    // query rows from the last one with a nonzero output gradient on contribute exactly nothing (padded
+    // rows of a model, whose outputs are never read): dq = 0 there, no work
+    const int64_t queries = gradient_rows(b, h, length);
+    for (int64_t i0 = 0; i0 < queries; i0 += kBlockQ)
+      query_block(b, h, i0, std::min(kBlockQ, queries - i0), prefix, seq, chunks, s);
+    for (int64_t i = queries; i < length; ++i) {
+      scalar_t* dq = mutable_row_ptr<scalar_t>(p, g.dq, b, h, i);
+      std::fill(dq, dq + dim, scalar_t(0));
+    }
     write_row_grads(b, h, length, keys, s);
+  }
+
+  // One past the last query row of (b, h) whose output gradient is not all zeros.
+  int64_t gradient_rows(int64_t b, int64_t h, int64_t length) const {
+    for (int64_t i = length; i > 0; --i) {
+      const scalar_t* row = row_ptr<scalar_t>(p, g.d_out, b, h, i - 1);
+      for (int64_t d = 0; d < p.dim; ++d)
+        if (static_cast<acc_t>(row[d]) != acc_t(0)) return i;
+    }
+    return 0;
   }
 
   void query_block(int64_t b, int64_t h, int64_t i0, int64_t rows, const Block<acc_t>& prefix,
@@ -75,11 +92,11 @@ struct BackwardWork {
     const scalar_t* q = row_ptr<scalar_t>(p, p.q, b, h, i0);
     const scalar_t* d_out = row_ptr<scalar_t>(p, g.d_out, b, h, i0);
     const scalar_t* out = row_ptr<scalar_t>(p, g.out, b, h, i0);
-    pack_transposed<scalar_t>(q, p.q.row_stride, rows, dim, scale, s.qt.get());
-    pack_transposed<scalar_t>(d_out, g.d_out.row_stride, rows, dim, acc_t(1), s.dot.get());
     int64_t ldq, ldo;
     const acc_t* q_rows = rows_as_acc(q, p.q.row_stride, rows, dim, s.q_rows.get(), dp, ldq);
     const acc_t* do_rows = rows_as_acc(d_out, g.d_out.row_stride, rows, dim, s.do_rows.get(), dp, ldo);
+    pack_transposed(q_rows, ldq, rows, dim, scale, s.qt.get());
+    pack_transposed(do_rows, ldo, rows, dim, acc_t(1), s.dot.get());
     // per-lane log-sum-exp (+inf past the block: probabilities 0) and rowsum(dO * O)
     alignas(64) acc_t lse[kBlockQ], delta[kBlockQ];
     const auto* saved = static_cast<const acc_t*>(g.lse) + (b * p.heads + h) * p.seq + i0;
@@ -100,7 +117,7 @@ struct BackwardWork {
       acc_t* dk = (c.prefix ? s.dpk.get() : s.dk.get()) + c.j0 * dp;
       acc_t* dv = (c.prefix ? s.dpv.get() : s.dv.get()) + c.j0 * dp;
       const int64_t n = c.rows * kBlockQ;
-      chunk_scores<scalar_t>(p, vis, c, kv, s.qt.get(), b, h, i0, rows, probs);
+      chunk_scores<scalar_t>(p, vis, c, kv, s.qt.get(), b, h, i0, rows, probs, s.dropped.get());
       for (int64_t j = 0; j < c.rows; ++j)
         for (int v = 0; v < kLaneVecs; ++v) {
           acc_t* t = probs + j * kBlockQ + v * Vec::size();
@@ -129,8 +146,12 @@ struct BackwardWork {
         }
       if (g.dbias && !c.prefix) {
         auto* dbias = static_cast<scalar_t*>(g.dbias) + ((b * p.heads + h) * p.seq + i0) * p.seq + c.j0;
-        for (int64_t i = 0; i < rows; ++i)
-          for (int64_t j = 0; j < c.rows; ++j) dbias[i * p.seq + j] = static_cast<scalar_t>(dprobs[j * kBlockQ + i]);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          at::vec::transpose_mxn<float>(dprobs, kBlockQ, dbias, p.seq, static_cast<int>(c.rows), static_cast<int>(rows));
+        } else {
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t j = 0; j < c.rows; ++j) dbias[i * p.seq + j] = static_cast<scalar_t>(dprobs[j * kBlockQ + i]);
+        }
       }
       // dQ[i, :] += sum_j dS[j, i] k_j ; dK[j, :] += sum_i dS[j, i] q_i (scales applied when written)
       gemm<acc_t>(rows, dim, c.rows, dprobs, 1, kBlockQ, kv.k + c.j0 * kv.ldk, kv.ldk, dq, dp, true);

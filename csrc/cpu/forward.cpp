@@ -23,10 +23,11 @@ struct ForwardWork {
   int64_t dim_pad;
 
   struct State {
-    Scratch<acc_t> qt, scores, acc, factor, keys, values, prefix_keys, prefix_values, row_factor;
+    Scratch<acc_t> qt, q_rows, scores, acc, factor, keys, values, prefix_keys, prefix_values, row_factor;
     Scratch<uint32_t> words;
     State(const Params& p, int64_t dp)
-        : qt(dp * kBlockQ), scores(kChunkK * kBlockQ), acc(kBlockQ * dp), factor(kChunkK * kBlockQ),
+        : qt(dp * kBlockQ), q_rows(std::is_same_v<scalar_t, acc_t> ? 0 : kBlockQ * dp), scores(kChunkK * kBlockQ),
+          acc(kBlockQ * dp), factor(kChunkK * kBlockQ),
           keys(std::is_same_v<scalar_t, acc_t> ? 0 : p.seq * dp),
           values(std::is_same_v<scalar_t, acc_t> ? 0 : p.seq * dp), prefix_keys(p.prefix * dp),
           prefix_values(p.prefix * dp), row_factor(dp + 8), words(8 * kBlockQ + 2 * dp + 32) {}
@@ -79,8 +80,10 @@ struct ForwardWork {
     acc_t* qt = s.qt.get();
     acc_t* scores = s.scores.get();
     acc_t* acc = s.acc.get();
-    pack_transposed<scalar_t>(row_ptr<scalar_t>(p, p.q, b, h, i0), p.q.row_stride, rows, dim,
-                              static_cast<acc_t>(p.scale), qt);
+    int64_t ldq;
+    const acc_t* q = rows_as_acc(row_ptr<scalar_t>(p, p.q, b, h, i0), p.q.row_stride, rows, dim, s.q_rows.get(), dp,
+                                 ldq);
+    pack_transposed(q, ldq, rows, dim, static_cast<acc_t>(p.scale), qt);
     const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
     Vec m[kLaneVecs], l[kLaneVecs];
     for (int v = 0; v < kLaneVecs; ++v) {
@@ -91,7 +94,7 @@ struct ForwardWork {
     alignas(64) acc_t alpha[kBlockQ];
     for (const Chunk& c : chunks) {
       const Block<acc_t>& kv = c.prefix ? prefix : seq;
-      chunk_scores<scalar_t>(p, vis, c, kv, qt, b, h, i0, rows, scores);
+      chunk_scores<scalar_t>(p, vis, c, kv, qt, b, h, i0, rows, scores, s.factor.get());
       // online softmax, lane-wise over the block's queries
       Vec m_new[kLaneVecs], m_safe[kLaneVecs], sum[kLaneVecs];
       for (int v = 0; v < kLaneVecs; ++v) m_new[v] = m[v];

@@ -30,8 +30,14 @@ namespace ptv2_cpu {
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-constexpr int64_t kBlockQ = 32;   // query rows per block: the lanes of a score tile
-constexpr int64_t kChunkK = 128;  // key rows per chunk of the online softmax
+#ifndef PTV2_BLOCK_Q
+#define PTV2_BLOCK_Q 64
+#endif
+#ifndef PTV2_CHUNK_K
+#define PTV2_CHUNK_K 128
+#endif
+constexpr int64_t kBlockQ = PTV2_BLOCK_Q;  // query rows per block: the lanes of a score tile
+constexpr int64_t kChunkK = PTV2_CHUNK_K;  // key rows per chunk of the online softmax
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -160,13 +166,17 @@ inline const acc_t* dropped_prefix(const Params& p, const scalar_t* src, int64_t
   return dst;
 }
 
-// qt[d * kBlockQ + i] = alpha * x[i, d] for the rows < rows of a query block, 0 for the lanes past them.
-template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-inline void pack_transposed(const scalar_t* x, int64_t stride, int64_t rows, int64_t dim, acc_t alpha, acc_t* qt) {
+// qt[d * kBlockQ + i] = alpha * x[i * ld + d] for the rows < rows of a query block (acc_t rows), 0 for the
+// lanes past them: ATen's in-register 16x16 transposes for float.
+template <typename acc_t>
+inline void pack_transposed(const acc_t* x, int64_t ld, int64_t rows, int64_t dim, acc_t alpha, acc_t* qt) {
+  using Vec = Vectorized<acc_t>;
+  at::vec::transpose_mxn<acc_t>(x, ld, qt, kBlockQ, static_cast<int>(rows), static_cast<int>(dim));
   for (int64_t d = 0; d < dim; ++d) {
-    acc_t* dst = qt + d * kBlockQ;
-    for (int64_t i = 0; i < rows; ++i) dst[i] = alpha * static_cast<acc_t>(x[i * stride + d]);
-    for (int64_t i = rows; i < kBlockQ; ++i) dst[i] = acc_t(0);
+    acc_t* lanes = qt + d * kBlockQ;
+    std::fill(lanes + rows, lanes + kBlockQ, acc_t(0));
+    if (alpha != acc_t(1))
+      for (int64_t i = 0; i < kBlockQ; i += Vec::size()) (Vec::loadu(lanes + i) * Vec(alpha)).store(lanes + i);
   }
 }
 
@@ -179,21 +189,40 @@ struct Block {
   int64_t ldv;
 };
 
-// Scores of one chunk for one query block, key-major: s[j * kBlockQ + i] = qt-scaled q_i . k_j (+ bias),
-// -inf for padded keys. (b, h, i0, rows): the query block.
+// s[j * kBlockQ + i] += bias[b, h, i0 + i, j0 + j] for the block's rows: a float bias contiguous along keys
+// goes through an in-register transpose (`tile`: kChunkK * kBlockQ scratch), any other one element-wise.
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-inline void chunk_scores(const Params& p, const Visibility& vis, const Chunk& c, const Block<acc_t>& kv,
-                         const acc_t* qt, int64_t b, int64_t h, int64_t i0, int64_t rows, acc_t* s) {
-  gemm<acc_t>(c.rows, kBlockQ, p.dim, kv.k + c.j0 * kv.ldk, kv.ldk, 1, qt, kBlockQ, s, kBlockQ, false);
-  if (c.prefix) return;
-  if (p.bias) {
-    const int64_t* st = p.bias_strides;
-    const scalar_t* bias = static_cast<const scalar_t*>(p.bias) + b * st[0] + h * st[1] + i0 * st[2] + c.j0 * st[3];
-    for (int64_t i = 0; i < rows; ++i) {
-      const scalar_t* row = bias + i * st[2];
-      for (int64_t j = 0; j < c.rows; ++j) s[j * kBlockQ + i] += static_cast<acc_t>(row[j * st[3]]);
+inline void add_bias_tile(const Params& p, const Chunk& c, int64_t b, int64_t h, int64_t i0, int64_t rows, acc_t* s,
+                          acc_t* tile) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t* st = p.bias_strides;
+  const scalar_t* bias = static_cast<const scalar_t*>(p.bias) + b * st[0] + h * st[1] + i0 * st[2] + c.j0 * st[3];
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (st[3] == 1) {
+      at::vec::transpose_mxn<float>(bias, st[2], tile, kBlockQ, static_cast<int>(rows), static_cast<int>(c.rows));
+      for (int64_t j = 0; j < c.rows; ++j)
+        for (int64_t i = 0; i < rows; i += Vec::size()) {
+          const int64_t n = std::min<int64_t>(Vec::size(), rows - i);
+          acc_t* dst = s + j * kBlockQ + i;
+          (Vec::loadu(dst, n) + Vec::loadu(tile + j * kBlockQ + i, n)).store(dst, n);
+        }
+      return;
     }
   }
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* row = bias + i * st[2];
+    for (int64_t j = 0; j < c.rows; ++j) s[j * kBlockQ + i] += static_cast<acc_t>(row[j * st[3]]);
+  }
+}
+
+// Scores of one chunk for one query block, key-major: s[j * kBlockQ + i] = qt-scaled q_i . k_j (+ bias),
+// -inf for padded keys. (b, h, i0, rows): the query block; `tile`: kChunkK * kBlockQ scratch.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+inline void chunk_scores(const Params& p, const Visibility& vis, const Chunk& c, const Block<acc_t>& kv,
+                         const acc_t* qt, int64_t b, int64_t h, int64_t i0, int64_t rows, acc_t* s, acc_t* tile) {
+  gemm<acc_t>(c.rows, kBlockQ, p.dim, kv.k + c.j0 * kv.ldk, kv.ldk, 1, qt, kBlockQ, s, kBlockQ, false);
+  if (c.prefix) return;
+  if (p.bias) add_bias_tile<scalar_t>(p, c, b, h, i0, rows, s, tile);
   if (c.partial) {
     const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
     for (int64_t j = 0; j < c.rows; ++j)
