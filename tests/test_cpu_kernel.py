@@ -211,9 +211,11 @@ def test_fallback_warns_once_and_computes_the_same(monkeypatch):
 
 
 def test_import_and_run_without_a_compiler(tmp_path):
-    """A fresh process with no C++ compiler and an empty extension cache: importing builds nothing, and the
-    op still runs (the composition, with the warning)."""
+    """A fresh process with no C++ compiler, no ahead-of-time build and an empty extension cache: importing
+    builds nothing, and the op still runs (the composition, with the warning)."""
     script = (
+        "import sys\n"
+        "sys.modules['ptv2_kernels._cpu_ext'] = None  # no ahead-of-time build either\n"
         "import warnings, torch, ptv2_kernels\n"
         "from ptv2_kernels.ops import cpu_backend\n"
         "assert cpu_backend._load.cache_info().currsize == 0, 'import must not build'\n"
