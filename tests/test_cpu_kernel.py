@@ -3,8 +3,9 @@
 ``test_varlen.py``, ``test_dropout.py``, ``test_disentangled.py`` run it as "torch"): that the kernel is
 built (else all of those would quietly test the fallback), the shared grid on torch-ref, several key chunks
 and query blocks with padding holes, strided banks and biases, head sizes across register panels, float64
-gradcheck (dropout, bias, banks, packed rows), packed rows with dropout, bitwise-identical results with
-1 and 2 threads, and the fallback when the extension cannot be built."""
+gradcheck (dropout, bias, banks, packed rows), packed rows with dropout, DeBERTa's relative terms gathered
+in-kernel with dropout, bitwise-identical results with 1 and 2 threads, and the fallback when the extension
+cannot be built."""
 
 import os
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptv2_kernels import prefix_attention, prefix_attention_varlen
+from ptv2_kernels import DisentangledBias, prefix_attention, prefix_attention_varlen
 from ptv2_kernels.ops import cpu_backend
 from ptv2_kernels.ops.common import Dropout, Options
 from ptv2_kernels.ops.cpu_backend import CpuPrefixAttention
@@ -90,7 +91,7 @@ def test_strided_bank_and_bias_read_in_place():
 def _gradcheck(tensors, mask, task_ids, bias, cu_seqlens, options):
     def run(*t):
         extra = t[5] if bias is not None else None
-        return CpuPrefixAttention.apply(*t[:5], mask, task_ids, extra, cu_seqlens, options)
+        return CpuPrefixAttention.apply(*t[:5], mask, task_ids, extra, None, None, None, cu_seqlens, options)
 
     leaves = [t.detach().clone().requires_grad_() for t in tensors + ([bias] if bias is not None else [])]
     assert torch.autograd.gradcheck(run, leaves)
@@ -119,7 +120,7 @@ def test_packed_dropout_uses_the_padded_masks():
     tensors, cu_seqlens, _, d_out, row, position = packed_case(lengths, heads, num_prefix, dim, seed=1)
     dropout = Dropout(p=0.3, prefix_p=0.2, seed=99)
     bank = [t.unsqueeze(0) for t in tensors[3:]]
-    got = run_with_grads(lambda *t: CpuPrefixAttention.apply(*t, None, None, None, cu_seqlens,
+    got = run_with_grads(lambda *t: CpuPrefixAttention.apply(*t, None, None, *(None,) * 4, cu_seqlens,
                                                              Options(0.25, dropout, max_seqlen=21)),
                          tensors[:3] + bank, d_out)
     mask = padded(torch.ones(sum(lengths), dtype=torch.bool), row, position, 2, 21)
@@ -152,8 +153,47 @@ def test_packed_bfloat16_equals_padded():
         assert torch.equal(g, r), name
 
 
+def test_relative_terms_in_kernel_with_dropout():
+    """DeBERTa's c2p/p2c gathered in the kernel (no [B, H, N, N] bias) with attention dropout over two key
+    chunks: outputs and every gradient, relative embeddings included, against the float64 reference fed the
+    contract v2 masks."""
+    from .test_disentangled import reference_relative_bias, relative_case, relative_positions
+
+    batch, heads, seq, num_prefix, dim, span, p = 2, 2, 150, 7, 16, 40, 0.25
+    tensors, mask, _, d_out = make_inputs(batch, heads, seq, num_prefix, dim, torch.float32, padded_rows=((1, 90),),
+                                          seed=15)
+    embeddings = relative_case(heads, dim, span, ("c2p", "p2c"), torch.float32, 16)
+    rel = relative_positions(seq, 16, 128)
+    torch.manual_seed(17)
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    keep = dropout_masks_v2(seed, batch, heads, seq, num_prefix, dim, p, 0.0)[0]
+
+    def fused(q, k, v, pk, pv, pos_key, pos_query):
+        bias = DisentangledBias.from_relative_positions(rel, span, pos_key, pos_query)
+        torch.manual_seed(17)
+        return prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, scale=0.2, dropout_p=p,
+                                disentangled_bias=bias, backend="torch")
+
+    def reference(q, k, v, pk, pv, pos_key, pos_query):
+        bias = reference_relative_bias(q, k, pos_key, pos_query, rel, span, 0.2)
+        return reference_attention(q, k, v, pk, pv, mask=mask, scale=0.2, bias=bias, attn_keep=keep, p=p)
+
+    got = _with_grads(fused, tensors + embeddings, d_out)
+    ref = _with_grads(reference, [t.double() for t in tensors + embeddings], d_out.double())
+    for name, g, r in zip(NAMES + ["dpos_key", "dpos_query"], got, ref):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=3e-5, msg=name)
+
+
+def _with_grads(fn, tensors, d_out):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(d_out.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
 def _all_outputs():
-    """Outputs and every gradient of a padded call (bank, holes, bias, both dropouts) and a packed call."""
+    """Outputs and every gradient of a padded call (bank, holes, bias, both dropouts), one with DeBERTa's
+    relative terms and a packed call."""
     tensors, _, task_ids, d_out = make_inputs(4, 3, 150, 40, 32, torch.float32, tasks=3, seed=21)
     mask = torch.ones(4, 150, dtype=torch.bool)
     mask[1, 60:] = False
@@ -166,6 +206,13 @@ def _all_outputs():
                                    task_ids=task_ids, backend="torch", **kwargs)
         if "attn_bias" in kwargs:
             results.append(kwargs["attn_bias"].grad)
+    from .test_disentangled import relative_case, relative_positions
+
+    pos_key, pos_query = relative_case(3, 32, 64, ("c2p", "p2c"), torch.float32, 24)
+    rel = DisentangledBias.from_relative_positions(relative_positions(150, 32, 256), 64)
+    results += _with_grads(lambda *t: prefix_attention(*t[:5], key_padding_mask=mask, task_ids=task_ids,
+                                                       disentangled_bias=rel.with_embeddings(*t[5:]), backend="torch"),
+                           tensors + [pos_key, pos_query], d_out)
     packed, cu_seqlens, packed_tasks, packed_grad, _, _ = packed_case([70, 3, 150, 41], 3, 40, 32, tasks=3, seed=23)
     torch.manual_seed(6)
     results += run_with_grads(prefix_attention_varlen, packed, packed_grad, cu_seqlens=cu_seqlens,
@@ -182,7 +229,7 @@ def test_one_and_two_threads_give_identical_bits():
         double = _all_outputs()
     finally:
         torch.set_num_threads(threads)
-    assert len(single) == len(double) == 19
+    assert len(single) == len(double) == 27
     for i, (a, b) in enumerate(zip(single, double)):
         assert torch.equal(a, b), f"output {i} differs between 1 and 2 threads"
 

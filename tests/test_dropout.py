@@ -17,7 +17,7 @@ from .test_prefix_attention import DEVICE, make_inputs, run_with_grads
 BACKENDS = {  # (apply(q, k, v, prefix_k, prefix_v, mask, task_ids, options), the masks it must use)
     "triton": (lambda *t: TritonPrefixAttention.apply(*t[:7], None, None, None, None, None, t[7]),
                kernel_dropout_masks),
-    "torch": (lambda *t: CpuPrefixAttention.apply(*t[:7], None, None, t[7]), dropout_masks_v2),
+    "torch": (lambda *t: CpuPrefixAttention.apply(*t[:7], None, None, None, None, None, t[7]), dropout_masks_v2),
     "torch-ref": (lambda *t: TorchPrefixAttention.apply(*t[:7], None, t[7]), dropout_masks_v2),
 }
 

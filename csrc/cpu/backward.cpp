@@ -24,13 +24,14 @@ struct BackwardWork {
   int64_t dim_pad;
 
   struct State {
-    Scratch<acc_t> qt, dot, q_rows, do_rows, probs, dprobs, dropped, factor, dq;
+    Scratch<acc_t> qt, dot, q_rows, do_rows, probs, dprobs, dropped, factor, dq, dqt, dq_rel;
     Scratch<acc_t> dk, dv, dpk, dpv, keys, values, prefix_keys, prefix_values, row_factor;
     Scratch<uint32_t> words;
     State(const Params& p, int64_t dp)
         : qt(dp * kBlockQ), dot(dp * kBlockQ), q_rows(kConvert ? kBlockQ * dp : 0),
           do_rows(kConvert ? kBlockQ * dp : 0), probs(kChunkK * kBlockQ), dprobs(kChunkK * kBlockQ),
-          dropped(kChunkK * kBlockQ), factor(kChunkK * kBlockQ), dq(kBlockQ * dp), dk(p.seq * dp), dv(p.seq * dp),
+          dropped(kChunkK * kBlockQ), factor(kChunkK * kBlockQ), dq(kBlockQ * dp), dqt(p.c2p_t ? dp * kBlockQ : 0),
+          dq_rel(p.c2p_t ? kBlockQ * dp : 0), dk(p.seq * dp), dv(p.seq * dp),
           dpk(p.prefix * dp), dpv(p.prefix * dp), keys(kConvert ? p.seq * dp : 0), values(kConvert ? p.seq * dp : 0),
           prefix_keys(p.prefix * dp), prefix_values(p.prefix * dp), row_factor(dp + 8),
           words(8 * kBlockQ + 2 * dp + 32) {}
@@ -62,6 +63,11 @@ struct BackwardWork {
     std::fill(s.dv.get(), s.dv.get() + keys * dp, acc_t(0));
     std::fill(s.dpk.get(), s.dpk.get() + p.prefix * dp, acc_t(0));
     std::fill(s.dpv.get(), s.dpv.get() + p.prefix * dp, acc_t(0));
+    for (void* table : {g.dc2p_rows, g.dp2c_rows}) {
+      if (!table) continue;
+      acc_t* rows = static_cast<acc_t*>(table) + bh * dim * p.rel_stride;
+      std::fill(rows, rows + dim * p.rel_stride, acc_t(0));
+    }
     const std::vector<Chunk> chunks = row_chunks(p, vis, b);
     // query rows from the last one with a nonzero output gradient on contribute exactly nothing (padded
     // rows of a model, whose outputs are never read): dq = 0 there, no work
@@ -112,6 +118,7 @@ struct BackwardWork {
     acc_t* dprobs = s.dprobs.get();
     acc_t* dq = s.dq.get();
     std::fill(dq, dq + rows * dp, acc_t(0));
+    if (p.c2p_t) std::fill(s.dqt.get(), s.dqt.get() + dim * kBlockQ, acc_t(0));
     for (const Chunk& c : chunks) {
       const Block<acc_t>& kv = c.prefix ? prefix : seq;
       acc_t* dk = (c.prefix ? s.dpk.get() : s.dk.get()) + c.j0 * dp;
@@ -156,11 +163,73 @@ struct BackwardWork {
       // dQ[i, :] += sum_j dS[j, i] k_j ; dK[j, :] += sum_i dS[j, i] q_i (scales applied when written)
       gemm<acc_t>(rows, dim, c.rows, dprobs, 1, kBlockQ, kv.k + c.j0 * kv.ldk, kv.ldk, dq, dp, true);
       gemm<acc_t>(c.rows, dim, rows, dprobs, kBlockQ, 1, q_rows, ldq, dk, dp, true);
+      if (!c.prefix) relative_grads(b, h, i0, rows, c, kv, dprobs, dk, s);
+    }
+    if (p.c2p_t) {  // dq += sum_j dS[i, j] c2p row t(i, j), accumulated transposed
+      acc_t* add = s.dq_rel.get();
+      at::vec::transpose_mxn<acc_t>(s.dqt.get(), kBlockQ, add, dp, static_cast<int>(dim), static_cast<int>(rows));
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t d = 0; d < dim; d += Vec::size())
+          (Vec::loadu(dq + i * dp + d) + Vec::loadu(add + i * dp + d)).store(dq + i * dp + d);
     }
     for (int64_t i = 0; i < rows; ++i) {
       acc_t* row = dq + i * dp;
       for (int64_t d = 0; d < dim; d += Vec::size()) (Vec::loadu(row + d) * Vec(scale)).store(row + d);
       at::vec::convert(row, mutable_row_ptr<scalar_t>(p, g.dq, b, h, i0 + i), dim);
+    }
+  }
+
+  // The relative terms' share of the gradients for one sequence chunk of a query block (ds: its dS tile):
+  // dq (transposed, into s.dqt), dk (rows `dk` of the chunk), and the tables' per-row gradients if wanted.
+  void relative_grads(int64_t b, int64_t h, int64_t i0, int64_t rows, const Chunk& c, const Block<acc_t>& kv,
+                      const acc_t* ds, acc_t* dk, State& s) const {
+    const int64_t ld = p.rel_stride, dim = p.dim, dp = dim_pad, bh = b * p.heads + h;
+    auto shift = [&](int64_t lj) { return i0 - (c.j0 + lj) + p.seq - 1; };  // t of lane 0
+    if (p.c2p_t) {
+      const acc_t* table = static_cast<const acc_t*>(p.c2p_t) + h * dim * ld;
+      for (int64_t d = 0; d < dim; ++d) {
+        Vec acc[kLaneVecs];
+        acc_t* dqt = s.dqt.get() + d * kBlockQ;
+        for (int v = 0; v < kLaneVecs; ++v) acc[v] = Vec::loadu(dqt + v * Vec::size());
+        for (int64_t lj = 0; lj < c.rows; ++lj) {
+          const acc_t* t = table + d * ld + shift(lj);
+          for (int v = 0; v < kLaneVecs; ++v)
+            acc[v] = at::vec::fmadd(Vec::loadu(ds + lj * kBlockQ + v * Vec::size()), Vec::loadu(t + v * Vec::size()),
+                                    acc[v]);
+        }
+        for (int v = 0; v < kLaneVecs; ++v) acc[v].store(dqt + v * Vec::size());
+      }
+      if (g.dc2p_rows) {  // dc2p[t] += dS[i, j] * scale q_i (the packed queries carry the scale)
+        acc_t* grad = static_cast<acc_t*>(g.dc2p_rows) + bh * dim * ld;
+        for (int64_t lj = 0; lj < c.rows; ++lj)
+          for (int64_t d = 0; d < dim; ++d) {
+            acc_t* t = grad + d * ld + shift(lj);
+            for (int v = 0; v < kLaneVecs; ++v) {
+              const int64_t e = v * Vec::size();
+              at::vec::fmadd(Vec::loadu(ds + lj * kBlockQ + e), Vec::loadu(s.qt.get() + d * kBlockQ + e),
+                             Vec::loadu(t + e)).store(t + e);
+            }
+          }
+      }
+    }
+    if (p.p2c_t) {  // dk_j += sum_i dS[i, j] p2c row t(i, j): rows t of one key are consecutive in i
+      const acc_t* table = static_cast<const acc_t*>(p.p2c_rows) + h * ld * dim;
+      for (int64_t lj = 0; lj < c.rows; ++lj)
+        gemm<acc_t>(1, dim, rows, ds + lj * kBlockQ, kBlockQ, 1, table + shift(lj) * dim, dim, dk + lj * dp, dp, true);
+      if (g.dp2c_rows) {  // dp2c[t] += dS[i, j] k_j (times the scale afterwards)
+        acc_t* grad = static_cast<acc_t*>(g.dp2c_rows) + bh * dim * ld;
+        for (int64_t lj = 0; lj < c.rows; ++lj) {
+          const acc_t* key = kv.k + (c.j0 + lj) * kv.ldk;
+          for (int64_t d = 0; d < dim; ++d) {
+            acc_t* t = grad + d * ld + shift(lj);
+            const Vec k(key[d]);
+            for (int v = 0; v < kLaneVecs; ++v) {
+              const int64_t e = v * Vec::size();
+              at::vec::fmadd(Vec::loadu(ds + lj * kBlockQ + e), k, Vec::loadu(t + e)).store(t + e);
+            }
+          }
+        }
+      }
     }
   }
 
@@ -225,6 +294,17 @@ void reduce_prefix_rows(const Params& p, const acc_t* rows, acc_t* out) {
   });
 }
 
+// out[e] = sum over b (in batch order) of rows[b, e] for the per-row gradients [B, per_row].
+template <typename acc_t>
+void sum_over_batch(const Params& p, const acc_t* rows, acc_t* out, int64_t per_row) {
+  constexpr int64_t kGrain = 4096;
+  at::parallel_for(0, per_row, kGrain, [&](int64_t begin, int64_t end) {
+    std::fill(out + begin, out + end, acc_t(0));
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t e = begin; e < end; ++e) out[e] += rows[b * per_row + e];
+  });
+}
+
 }  // namespace
 
 template <typename scalar_t>
@@ -235,6 +315,9 @@ void backward(const Params& p, const BackwardArgs& g) {
   for_each_item(p.batch * p.heads, work);
   reduce_prefix_rows<acc_t>(p, static_cast<const acc_t*>(g.dprefix_k_rows), static_cast<acc_t*>(g.dprefix_k));
   reduce_prefix_rows<acc_t>(p, static_cast<const acc_t*>(g.dprefix_v_rows), static_cast<acc_t*>(g.dprefix_v));
+  const int64_t table = p.heads * p.dim * p.rel_stride;
+  if (g.dc2p_rows) sum_over_batch<acc_t>(p, static_cast<const acc_t*>(g.dc2p_rows), static_cast<acc_t*>(g.dc2p), table);
+  if (g.dp2c_rows) sum_over_batch<acc_t>(p, static_cast<const acc_t*>(g.dp2c_rows), static_cast<acc_t*>(g.dp2c), table);
 }
 
 template void backward<float>(const Params&, const BackwardArgs&);

@@ -50,7 +50,8 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    const at::Tensor& prefix_v, const c10::optional<at::Tensor>& mask,
                    const c10::optional<at::Tensor>& task_ids, const c10::optional<at::Tensor>& bias,
                    const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale, int64_t seed,
-                   double attn_p, double prefix_p) {
+                   double attn_p, double prefix_p, const c10::optional<at::Tensor>& c2p_t,
+                   const c10::optional<at::Tensor>& p2c_t, const c10::optional<at::Tensor>& p2c_rows) {
   TORCH_CHECK(prefix_k.dim() == 4 && prefix_v.dim() == 4, "ptv2 cpu kernel: prefix must be [T, H, P, D]");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
                   prefix_k.scalar_type() == q.scalar_type() && prefix_v.scalar_type() == q.scalar_type(),
@@ -83,6 +84,27 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     for (int d = 0; d < 4; ++d) p.bias_strides[d] = bias->stride(d);
   }
   p.scale = scale;
+  const auto check_table = [&](const at::Tensor& t, int64_t rows, int64_t cols) {
+    TORCH_CHECK(!packed && t.is_contiguous() && t.scalar_type() == acc_dtype(q) && t.dim() == 3 &&
+                    t.size(0) == p.heads && t.size(1) == rows && t.size(2) == cols,
+                "ptv2 cpu kernel: bad relative-position table");
+  };
+  if (c2p_t || p2c_t) {
+    p.rel_stride = (c2p_t ? *c2p_t : *p2c_t).size(2);
+    TORCH_CHECK(p.rel_stride >= 2 * p.seq - 1 + ptv2_cpu::kBlockQ, "ptv2 cpu kernel: relative tables too short");
+  }
+  if (c2p_t) {
+    check_table(*c2p_t, p.dim, p.rel_stride);
+    p.c2p_t = c2p_t->data_ptr();
+  }
+  if (p2c_t) {
+    check_table(*p2c_t, p.dim, p.rel_stride);
+    p.p2c_t = p2c_t->data_ptr();
+  }
+  if (p2c_rows) {
+    check_table(*p2c_rows, p.rel_stride, p.dim);
+    p.p2c_rows = p2c_rows->data_ptr();
+  }
   p.seed = static_cast<uint64_t>(seed);
   p.attn_dropout = attn_p > 0.0;
   p.prefix_dropout = prefix_p > 0.0;
@@ -109,9 +131,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                 const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& task_ids,
                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& cu_seqlens,
-                                int64_t max_seqlen, double scale, int64_t seed, double attn_p, double prefix_p) {
+                                int64_t max_seqlen, double scale, int64_t seed, double attn_p, double prefix_p,
+                                const c10::optional<at::Tensor>& c2p_t, const c10::optional<at::Tensor>& p2c_t) {
   const Params p = make_params(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, max_seqlen, scale,
-                               seed, attn_p, prefix_p);
+                               seed, attn_p, prefix_p, c2p_t, p2c_t, c10::nullopt);
   at::Tensor out = empty_like_qkv(q);
   at::Tensor lse = at::empty({p.batch, p.heads, p.seq}, q.options().dtype(acc_dtype(q)));
   ptv2_cpu::ForwardOutputs o;
@@ -121,15 +144,19 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   return {out, lse};
 }
 
-// (dq, dk, dv, dprefix_k, dprefix_v [T, H, P, D] float32 (float64 for double), dbias or an empty tensor)
+// (dq, dk, dv, dprefix_k, dprefix_v [T, H, P, D] float32 (float64 for double), dbias, dc2p, dp2c [H, D, rel_stride]
+// (float32/float64, dc2p with the scale, dp2c without); the last three undefined unless asked for)
 std::vector<at::Tensor> backward(const at::Tensor& d_out, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                  const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& task_ids,
                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& cu_seqlens,
                                  int64_t max_seqlen, const at::Tensor& out, const at::Tensor& lse, bool bias_grad,
-                                 double scale, int64_t seed, double attn_p, double prefix_p) {
+                                 double scale, int64_t seed, double attn_p, double prefix_p,
+                                 const c10::optional<at::Tensor>& c2p_t, const c10::optional<at::Tensor>& p2c_t,
+                                 const c10::optional<at::Tensor>& p2c_rows, bool c2p_grad, bool p2c_grad) {
   const Params p = make_params(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, max_seqlen, scale,
-                               seed, attn_p, prefix_p);
+                               seed, attn_p, prefix_p, c2p_t, p2c_t, p2c_rows);
+  TORCH_CHECK(!p2c_t || p2c_rows, "ptv2 cpu kernel: the backward of p2c needs its row table");
   TORCH_CHECK(d_out.scalar_type() == q.scalar_type() && d_out.sizes() == q.sizes(),
               "ptv2 cpu kernel: d_out must be shaped like q, in q's dtype");
   TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == acc_dtype(q), "ptv2 cpu kernel: bad saved lse");
@@ -153,8 +180,21 @@ std::vector<at::Tensor> backward(const at::Tensor& d_out, const at::Tensor& q, c
   g.dprefix_k = dpk.data_ptr();
   g.dprefix_v = dpv.data_ptr();
   g.dbias = bias_grad ? dbias.data_ptr() : nullptr;
+  at::Tensor dc2p_rows, dp2c_rows, dc2p, dp2c;
+  if (c2p_grad && c2p_t) {
+    dc2p_rows = at::empty({p.batch, p.heads, p.dim, p.rel_stride}, acc);
+    dc2p = at::empty({p.heads, p.dim, p.rel_stride}, acc);
+    g.dc2p_rows = dc2p_rows.data_ptr();
+    g.dc2p = dc2p.data_ptr();
+  }
+  if (p2c_grad && p2c_t) {
+    dp2c_rows = at::empty({p.batch, p.heads, p.dim, p.rel_stride}, acc);
+    dp2c = at::empty({p.heads, p.dim, p.rel_stride}, acc);
+    g.dp2c_rows = dp2c_rows.data_ptr();
+    g.dp2c = dp2c.data_ptr();
+  }
   dispatch(q.scalar_type(), [&](auto tag) { ptv2_cpu::backward<decltype(tag)>(p, g); });
-  return {dq, dk, dv, dpk, dpv, dbias};
+  return {dq, dk, dv, dpk, dpv, dbias, dc2p, dp2c};
 }
 
 // The vector instruction set the kernels were compiled for (ATen's CPU_CAPABILITY names).

@@ -30,15 +30,6 @@ namespace ptv2_cpu {
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-#ifndef PTV2_BLOCK_Q
-#define PTV2_BLOCK_Q 64
-#endif
-#ifndef PTV2_CHUNK_K
-#define PTV2_CHUNK_K 128
-#endif
-constexpr int64_t kBlockQ = PTV2_BLOCK_Q;  // query rows per block: the lanes of a score tile
-constexpr int64_t kChunkK = PTV2_CHUNK_K;  // key rows per chunk of the online softmax
-
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Zero-initialised, 64-byte aligned scratch of one thread.
@@ -215,6 +206,57 @@ inline void add_bias_tile(const Params& p, const Chunk& c, int64_t b, int64_t h,
   }
 }
 
+// DeBERTa's c2p and p2c terms of a sequence chunk's tile: s[lj * kBlockQ + li] += sum_d qt[d][li] c2p_t[h][d][t]
+// + k_j[d] p2c_t[h][d][t] at distance t = i - j + N - 1 (i = i0 + li, j = j0 + lj), which runs along the lanes: a
+// contiguous window of each table row per key.
+template <typename acc_t, bool C2P, bool P2C, int64_t R>
+inline void add_relative_rows(const Params& p, const acc_t* c2p, const acc_t* p2c, const acc_t* keys, int64_t ldk,
+                              const acc_t* qt, int64_t shift, acc_t* s) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t NV = kBlockQ / Vec::size(), W = Vec::size();
+  const int64_t ld = p.rel_stride;
+  Vec acc[R][NV];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t v = 0; v < NV; ++v) acc[r][v] = Vec::loadu(s + r * kBlockQ + v * W);
+  for (int64_t d = 0; d < p.dim; ++d) {
+    Vec q[NV];
+    if constexpr (C2P)
+      for (int64_t v = 0; v < NV; ++v) q[v] = Vec::loadu(qt + d * kBlockQ + v * W);
+    for (int64_t r = 0; r < R; ++r) {  // key r of the group: distances shifted down by r
+      if constexpr (C2P) {
+        const acc_t* t = c2p + d * ld + shift - r;
+        for (int64_t v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(q[v], Vec::loadu(t + v * W), acc[r][v]);
+      }
+      if constexpr (P2C) {
+        const acc_t* t = p2c + d * ld + shift - r;
+        const Vec k(keys[r * ldk + d]);
+        for (int64_t v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(k, Vec::loadu(t + v * W), acc[r][v]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t v = 0; v < NV; ++v) acc[r][v].store(s + r * kBlockQ + v * W);
+}
+
+// DeBERTa's c2p and p2c terms of a sequence chunk's tile: s[lj * kBlockQ + li] += sum_d qt[d][li] c2p_t[h][d][t]
+// + k_j[d] p2c_t[h][d][t] at distance t = i - j + N - 1 (i = i0 + li, j = j0 + lj), which runs along the lanes: a
+// contiguous window of each table row per key, keys in groups of 4 sharing the query loads.
+template <typename acc_t, bool C2P, bool P2C>
+inline void add_relative_terms(const Params& p, const Chunk& c, const Block<acc_t>& kv, const acc_t* qt, int64_t h,
+                               int64_t i0, acc_t* s) {
+  constexpr int64_t kGroup = 4;
+  const int64_t ld = p.rel_stride;
+  const acc_t* c2p = C2P ? static_cast<const acc_t*>(p.c2p_t) + h * p.dim * ld : nullptr;
+  const acc_t* p2c = P2C ? static_cast<const acc_t*>(p.p2c_t) + h * p.dim * ld : nullptr;
+  int64_t lj = 0;
+  for (; lj + kGroup <= c.rows; lj += kGroup)
+    add_relative_rows<acc_t, C2P, P2C, kGroup>(p, c2p, p2c, kv.k + (c.j0 + lj) * kv.ldk, kv.ldk, qt,
+                                               i0 - (c.j0 + lj) + p.seq - 1, s + lj * kBlockQ);
+  for (; lj < c.rows; ++lj)
+    add_relative_rows<acc_t, C2P, P2C, 1>(p, c2p, p2c, kv.k + (c.j0 + lj) * kv.ldk, kv.ldk, qt,
+                                          i0 - (c.j0 + lj) + p.seq - 1, s + lj * kBlockQ);
+}
+
 // Scores of one chunk for one query block, key-major: s[j * kBlockQ + i] = qt-scaled q_i . k_j (+ bias),
 // -inf for padded keys. (b, h, i0, rows): the query block; `tile`: kChunkK * kBlockQ scratch.
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
@@ -223,6 +265,13 @@ inline void chunk_scores(const Params& p, const Visibility& vis, const Chunk& c,
   gemm<acc_t>(c.rows, kBlockQ, p.dim, kv.k + c.j0 * kv.ldk, kv.ldk, 1, qt, kBlockQ, s, kBlockQ, false);
   if (c.prefix) return;
   if (p.bias) add_bias_tile<scalar_t>(p, c, b, h, i0, rows, s, tile);
+  if (p.c2p_t && p.p2c_t) {
+    add_relative_terms<acc_t, true, true>(p, c, kv, qt, h, i0, s);
+  } else if (p.c2p_t) {
+    add_relative_terms<acc_t, true, false>(p, c, kv, qt, h, i0, s);
+  } else if (p.p2c_t) {
+    add_relative_terms<acc_t, false, true>(p, c, kv, qt, h, i0, s);
+  }
   if (c.partial) {
     const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
     for (int64_t j = 0; j < c.rows; ++j)

@@ -6,6 +6,15 @@
 
 namespace ptv2_cpu {
 
+#ifndef PTV2_BLOCK_Q
+#define PTV2_BLOCK_Q 64
+#endif
+#ifndef PTV2_CHUNK_K
+#define PTV2_CHUNK_K 128
+#endif
+constexpr int64_t kBlockQ = PTV2_BLOCK_Q;  // query rows per block: the lanes of a score tile
+constexpr int64_t kChunkK = PTV2_CHUNK_K;  // key rows per chunk of the online softmax
+
 // q, k, v, the output and their gradients: padded [B, H, N, D] (any batch/head/row strides, unit last
 // stride), or packed [total, H, D] where row b is tokens cu_seqlens[b] .. cu_seqlens[b + 1] - 1
 // (batch_stride unused).
@@ -29,6 +38,15 @@ struct Params {
   const void* bias = nullptr;
   int64_t bias_strides[4] = {0, 0, 0, 0};
   double scale = 1.0;
+  // DeBERTa's c2p / p2c terms on the sequence columns (ops/disentangled.py) as tables over the distance
+  // t = i - j + N - 1, gathered from the projected relative embeddings, float (double for double inputs),
+  // rows of rel_stride >= 2N - 1 + kBlockQ elements (zero past 2N - 1): c2p_t [H, D, rel_stride] (not scaled:
+  // the packed queries carry the scale), p2c_t [H, D, rel_stride] (times the scale), and for the backward
+  // p2c_rows [H, rel_stride, D] (not scaled). Null without the term.
+  const void* c2p_t = nullptr;
+  const void* p2c_t = nullptr;
+  const void* p2c_rows = nullptr;
+  int64_t rel_stride = 0;
   // dropout, RNG contract v2 (philox.h)
   uint64_t seed = 0;
   bool attn_dropout = false, prefix_dropout = false;
@@ -52,6 +70,12 @@ struct BackwardArgs {
   void* dprefix_k = nullptr;
   void* dprefix_v = nullptr;
   void* dbias = nullptr;  // [B, H, N, N] contiguous, q's dtype, zero-filled by the caller; or null
+  // gradients of the relative tables (when the embeddings need them): per row [B, H, D, rel_stride], then
+  // summed over the batch in order into [H, D, rel_stride]; c2p's includes the scale, p2c's does not
+  void* dc2p_rows = nullptr;
+  void* dp2c_rows = nullptr;
+  void* dc2p = nullptr;
+  void* dp2c = nullptr;
 };
 
 template <typename scalar_t>

@@ -157,57 +157,117 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def cpu_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, options: Options):
+RELATIVE_PAD = 128  # table rows are read up to one query block (csrc/cpu/params.h: kBlockQ) past 2N - 1
+
+
+def relative_tables(q, relative, scale: float, seq: int, backward: bool):
+    """DeBERTa's c2p/p2c as the kernels' distance tables (``csrc/cpu/params.h``), from ``relative = (pos_key,
+    pos_query, index)`` of a :class:`~ptv2_kernels.ops.disentangled.DisentangledBias`: ``(c2p_t [H, D, L],
+    p2c_t [H, D, L] times the scale, p2c_rows [H, L, D] or None)`` in float32/float64 over the distance
+    t = i - j + N - 1 (L = 2N - 1 + padding), None where a term is absent. Small: ``[H, 2N, D]``."""
+    pos_key, pos_query, index = relative
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    distances = 2 * seq - 1
+    index = index.long()
+
+    def table(emb, row, factor, transposed):
+        heads, _, dim = emb.shape
+        gathered = emb.detach().to(acc)[:, index[row]] * factor  # [H, 2N - 1, D]
+        if transposed:
+            out = gathered.new_zeros(heads, dim, distances + RELATIVE_PAD)
+            out[:, :, :distances] = gathered.transpose(1, 2)
+        else:
+            out = gathered.new_zeros(heads, distances + RELATIVE_PAD, dim)
+            out[:, :distances] = gathered
+        return out
+
+    c2p = None if pos_key is None else table(pos_key, 0, 1.0, True)
+    p2c = None if pos_query is None else table(pos_query, 1, scale, True)
+    p2c_rows = None if pos_query is None or not backward else table(pos_query, 1, 1.0, False)
+    return c2p, p2c, p2c_rows
+
+
+def _fold_table(grad, emb, index, factor, seq):
+    """Gradient of a distance table ``[H, D, L]`` summed into the embedding rows each distance reads."""
+    if grad is None:
+        return None
+    per_distance = grad[:, :, :2 * seq - 1].transpose(1, 2) * factor  # [H, 2N - 1, D]
+    rows = per_distance.new_zeros(emb.shape)
+    return rows.index_add_(1, index.long(), per_distance).to(emb.dtype)
+
+
+def cpu_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, options: Options):
     """``(out, lse)``: out like q (padded ``[B, H, N, D]`` stored as ``[B, N, H, D]``, or packed
     ``[total, H, D]``), lse ``[B, H, N]`` float32 (float64 for float64 inputs; +inf where a row sees no
-    column). ``bias`` in q's dtype or None; ``cu_seqlens`` int64 ``[B + 1]`` for packed rows or None."""
+    column). ``bias`` in q's dtype or None; ``relative``: ``(pos_key, pos_query, index)`` of DeBERTa's terms or
+    None; ``cu_seqlens`` int64 ``[B + 1]`` for packed rows or None."""
     dropout = options.dropout
+    c2p, p2c, _ = (None,) * 3 if relative is None else relative_tables(q, relative, options.scale, q.shape[2], False)
     return _extension().forward(q, k, v, _unit_last(prefix_k), _unit_last(prefix_v), mask, task_ids, bias,
                                 cu_seqlens, options.max_seqlen, options.scale, dropout.seed, dropout.p,
-                                dropout.prefix_p)
+                                dropout.prefix_p, c2p, p2c)
 
 
-def cpu_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, out, lse, options: Options,
-                 bias_grad: bool):
-    """``(dq, dk, dv, dprefix_k, dprefix_v, dbias)``: dq/dk/dv like q; the prefix gradients ``[T, H, P, D]``
-    summed over the rows of each task in float32 (float64); dbias ``[B, H, N, N]`` in q's dtype if
-    ``bias_grad`` else None."""
+def cpu_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, out, lse,
+                 options: Options, bias_grad: bool, relative_grads=(False, False)):
+    """``(dq, dk, dv, dprefix_k, dprefix_v, dbias, dpos_key, dpos_query)``: dq/dk/dv like q; the prefix
+    gradients ``[T, H, P, D]`` summed over the rows of each task in float32 (float64); dbias ``[B, H, N, N]`` in
+    q's dtype if ``bias_grad`` else None; the relative embeddings' gradients (their dtype) where
+    ``relative_grads`` asks for them, else None."""
     dropout = options.dropout
-    dq, dk, dv, dpk, dpv, dbias = _extension().backward(
+    seq = q.shape[2] if relative is not None else 0
+    c2p, p2c, p2c_rows = (None,) * 3 if relative is None else relative_tables(q, relative, options.scale, seq, True)
+    wants = [bool(w) and t is not None for w, t in zip(relative_grads, (c2p, p2c))]
+    dq, dk, dv, dpk, dpv, dbias, dc2p, dp2c = _extension().backward(
         _unit_last(d_out), q, k, v, _unit_last(prefix_k), _unit_last(prefix_v), mask, task_ids, bias, cu_seqlens,
-        options.max_seqlen, out, lse, bias_grad, options.scale, dropout.seed, dropout.p, dropout.prefix_p)
-    return dq, dk, dv, dpk, dpv, dbias if bias_grad else None
+        options.max_seqlen, out, lse, bias_grad, options.scale, dropout.seed, dropout.p, dropout.prefix_p,
+        c2p, p2c, p2c_rows, *wants)
+    dpos_key = _fold_table(dc2p, relative[0], relative[2][0], 1.0, seq) if wants[0] else None
+    dpos_query = _fold_table(dp2c, relative[1], relative[2][1], options.scale, seq) if wants[1] else None
+    return dq, dk, dv, dpk, dpv, dbias if bias_grad else None, dpos_key, dpos_query
 
 
 class CpuPrefixAttention(torch.autograd.Function):
     """Inputs: q, k, v ``[B, H, N, D]`` or packed ``[total, H, D]`` (unit last stride); prefix_k, prefix_v
     ``[T, H, P, D]``; bool mask ``[B, N]`` (contiguous) or None; task_ids ``[B]`` int64 or None; attention
-    bias ``[B, H, N, N]`` in q's dtype (any strides) or None; cu_seqlens int64 ``[B + 1]`` or None;
-    :class:`Options`."""
+    bias ``[B, H, N, N]`` in q's dtype (any strides) or None; DeBERTa's pos_key, pos_query (``[H, R, D]`` or None)
+    and index (int32 ``[2, 2N - 1]``, None without them); cu_seqlens int64 ``[B + 1]`` or None; :class:`Options`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, options: Options):
-        out, lse = cpu_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, options)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, out, lse)
+    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index, cu_seqlens,
+                options: Options):
+        relative = None if rel_index is None else (pos_key, pos_query, rel_index)
+        out, lse = cpu_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, options)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index,
+                              cu_seqlens, out, lse)
         ctx.options = options
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, out, lse = ctx.saved_tensors
-        dq, dk, dv, dpk, dpv, dbias = cpu_backward(d_out.to(q.dtype), q, k, v, prefix_k, prefix_v, mask, task_ids,
-                                                   bias, cu_seqlens, out, lse, ctx.options, ctx.needs_input_grad[7])
-        return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), None, None, dbias, None, None
+        q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index, cu_seqlens, out, lse = (
+            ctx.saved_tensors)
+        relative = None if rel_index is None else (pos_key, pos_query, rel_index)
+        dq, dk, dv, dpk, dpv, dbias, dpos_key, dpos_query = cpu_backward(
+            d_out.to(q.dtype), q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, out, lse,
+            ctx.options, ctx.needs_input_grad[7], ctx.needs_input_grad[8:10])
+        return (dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), None, None, dbias, dpos_key, dpos_query,
+                None, None, None)
 
 
-def cpu_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options) -> torch.Tensor:
-    """Validated entry point of the fused CPU kernel (see :func:`ptv2_kernels.prefix_attention`)."""
+def cpu_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options,
+                         disentangled=None) -> torch.Tensor:
+    """Validated entry point of the fused CPU kernel (see :func:`ptv2_kernels.prefix_attention`);
+    ``disentangled``: a checked :class:`~ptv2_kernels.ops.disentangled.DisentangledBias` (its c2p/p2c are added
+    in-kernel from distance tables, no ``[B, H, N, N]`` tensor) or None."""
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
-    return CpuPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, None, options)
+    rel = (None, None, None) if disentangled is None else disentangled.tensors
+    return CpuPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, *rel, None, options)
 
 
 def cpu_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options: Options) -> torch.Tensor:
     """Validated entry point for packed rows (see :func:`ptv2_kernels.prefix_attention_varlen`): read in place,
     no padding."""
-    return CpuPrefixAttention.apply(q, k, v, prefix_k, prefix_v, None, task_ids, None, cu_seqlens, options)
+    return CpuPrefixAttention.apply(q, k, v, prefix_k, prefix_v, None, task_ids, None, None, None, None, cu_seqlens,
+                                    options)

@@ -262,9 +262,9 @@ def prefix_attention(
             terms; differentiable.
         disentangled_bias: DeBERTa's c2p/p2c as a :class:`DisentangledBias` (projected relative embeddings
             ``[H, R, D]`` and distance-to-row tables), added inside ``scale`` to the sequence columns only.
-            The Triton kernels gather the terms per tile, forward and backward, without a ``[B, H, N, N]``
-            tensor; the torch backend and ``deterministic`` reductions materialise them as an
-            ``attn_bias``. Differentiable in its embeddings.
+            The Triton kernels and the fused CPU kernel gather the terms per tile, forward and backward,
+            without a ``[B, H, N, N]`` tensor; ``torch-ref`` and Triton's ``deterministic`` reductions
+            materialise them as an ``attn_bias``. Differentiable in its embeddings.
 
     Returns:
         ``[B, H, N, D]`` in q's dtype (fused backends store it as ``[B, N, H, D]`` underneath).
@@ -288,16 +288,24 @@ def prefix_attention(
         from .cuda_backend import cuda_prefix_attention
 
         return cuda_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, options)
-    if disentangled is not None and (backend == "torch" or options.deterministic):
+    cpu_kernel = False
+    if backend == "torch":
+        from .cpu_backend import use_cpu_kernel
+
+        cpu_kernel = use_cpu_kernel(requested, q.device)
+    if disentangled is not None and not cpu_kernel and (backend == "torch" or options.deterministic):
         # the per-distance atomics of the fused gradient are not reproducible: deterministic runs materialise
+        # (the CPU kernel gathers the terms itself and reduces in a fixed order)
         relative = bias_matrix(q, k, disentangled, options.scale)
         bias, disentangled = relative if bias is None else bias + relative, None
+    if cpu_kernel:
+        from .cpu_backend import cpu_prefix_attention
+
+        return cpu_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options, disentangled)
     if backend == "torch":
-        from .cpu_backend import cpu_prefix_attention, use_cpu_kernel
         from .torch_backend import torch_prefix_attention
 
-        attend = cpu_prefix_attention if use_cpu_kernel(requested, q.device) else torch_prefix_attention
-        return attend(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
+        return torch_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
     from .triton_backend import triton_prefix_attention
 
     return triton_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options,
