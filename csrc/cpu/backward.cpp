@@ -109,9 +109,11 @@ struct BackwardWork {
     for (int64_t i = 0; i < kBlockQ; ++i) {
       lse[i] = i < rows ? saved[i] : std::numeric_limits<acc_t>::infinity();
       acc_t sum = 0;
-      if (i < rows)
-        for (int64_t d = 0; d < dim; ++d)
-          sum += static_cast<acc_t>(d_out[i * g.d_out.row_stride + d]) * static_cast<acc_t>(out[i * g.out.row_stride + d]);
+      if (i < rows) {
+        const scalar_t* grad_row = d_out + i * g.d_out.row_stride;
+        const scalar_t* out_row = out + i * g.out.row_stride;
+        for (int64_t d = 0; d < dim; ++d) sum += static_cast<acc_t>(grad_row[d]) * static_cast<acc_t>(out_row[d]);
+      }
       delta[i] = sum;
     }
     acc_t* probs = s.probs.get();
@@ -154,7 +156,8 @@ struct BackwardWork {
       if (g.dbias && !c.prefix) {
         auto* dbias = static_cast<scalar_t*>(g.dbias) + ((b * p.heads + h) * p.seq + i0) * p.seq + c.j0;
         if constexpr (std::is_same_v<scalar_t, float>) {
-          at::vec::transpose_mxn<float>(dprobs, kBlockQ, dbias, p.seq, static_cast<int>(c.rows), static_cast<int>(rows));
+          at::vec::transpose_mxn<float>(dprobs, kBlockQ, dbias, p.seq, static_cast<int>(c.rows),
+                                        static_cast<int>(rows));
         } else {
           for (int64_t i = 0; i < rows; ++i)
             for (int64_t j = 0; j < c.rows; ++j) dbias[i * p.seq + j] = static_cast<scalar_t>(dprobs[j * kBlockQ + i]);

@@ -52,7 +52,8 @@ inline void gemm_tile(int64_t K, const T* __restrict A, int64_t a_rs, int64_t a_
     const T* b_row = B + k * ldb;
     Vec b[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) b[v] = (TAIL && v == NV - 1) ? Vec::loadu(b_row + v * W, tail) : Vec::loadu(b_row + v * W);
+    for (int v = 0; v < NV; ++v)
+      b[v] = (TAIL && v == NV - 1) ? Vec::loadu(b_row + v * W, tail) : Vec::loadu(b_row + v * W);
     const T* a_col = A + k * a_ks;
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {

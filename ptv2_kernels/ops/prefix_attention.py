@@ -340,8 +340,9 @@ def prefix_attention_varlen(
         Dropout masks use the same counters as the padded op (query/column positions within the row).
 
     Returns:
-        ``[total_tokens, H, D]``, differentiable in q, k, v, prefix_k and prefix_v. The Triton backend
-        reads the packed tokens in place; so does the fused CPU kernel (``backend="torch"``); ``torch-ref`` pads, attends and unpacks.
+        ``[total_tokens, H, D]``, differentiable in q, k, v, prefix_k and prefix_v. The Triton backend and
+        the fused CPU kernel (``backend="torch"``) read the packed tokens in place; ``torch-ref`` pads, attends
+        and unpacks.
     """
     _check_qkv(q, k, v, layout="[total_tokens, H, D]")
     _check_prefix(q, prefix_k, prefix_v)
