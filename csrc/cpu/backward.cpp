@@ -182,6 +182,26 @@ struct BackwardWork {
     }
   }
 
+  // dqt[d + r][li] += sum_lj ds[lj][li] c2p_t[d + r][t0 - lj + li] for r < R dims (sharing the ds loads).
+  template <int R>
+  void c2p_dq_rows(const acc_t* table, int64_t d, int64_t keys, int64_t t0, const acc_t* ds, acc_t* dqt) const {
+    constexpr int64_t W = Vec::size();
+    const int64_t ld = p.rel_stride;
+    Vec acc[R][kLaneVecs];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < kLaneVecs; ++v) acc[r][v] = Vec::loadu(dqt + (d + r) * kBlockQ + v * W);
+    for (int64_t lj = 0; lj < keys; ++lj) {
+      Vec grad[kLaneVecs];
+      for (int v = 0; v < kLaneVecs; ++v) grad[v] = Vec::loadu(ds + lj * kBlockQ + v * W);
+      for (int r = 0; r < R; ++r) {
+        const acc_t* t = table + (d + r) * ld + t0 - lj;
+        for (int v = 0; v < kLaneVecs; ++v) acc[r][v] = at::vec::fmadd(grad[v], Vec::loadu(t + v * W), acc[r][v]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < kLaneVecs; ++v) acc[r][v].store(dqt + (d + r) * kBlockQ + v * W);
+  }
+
   // The relative terms' share of the gradients for one sequence chunk of a query block (ds: its dS tile):
   // dq (transposed, into s.dqt), dk (rows `dk` of the chunk), and the tables' per-row gradients if wanted.
   void relative_grads(int64_t b, int64_t h, int64_t i0, int64_t rows, const Chunk& c, const Block<acc_t>& kv,
@@ -190,18 +210,9 @@ struct BackwardWork {
     auto shift = [&](int64_t lj) { return i0 - (c.j0 + lj) + p.seq - 1; };  // t of lane 0
     if (p.c2p_t) {
       const acc_t* table = static_cast<const acc_t*>(p.c2p_t) + h * dim * ld;
-      for (int64_t d = 0; d < dim; ++d) {
-        Vec acc[kLaneVecs];
-        acc_t* dqt = s.dqt.get() + d * kBlockQ;
-        for (int v = 0; v < kLaneVecs; ++v) acc[v] = Vec::loadu(dqt + v * Vec::size());
-        for (int64_t lj = 0; lj < c.rows; ++lj) {
-          const acc_t* t = table + d * ld + shift(lj);
-          for (int v = 0; v < kLaneVecs; ++v)
-            acc[v] = at::vec::fmadd(Vec::loadu(ds + lj * kBlockQ + v * Vec::size()), Vec::loadu(t + v * Vec::size()),
-                                    acc[v]);
-        }
-        for (int v = 0; v < kLaneVecs; ++v) acc[v].store(dqt + v * Vec::size());
-      }
+      int64_t d = 0;
+      for (; d + 4 <= dim; d += 4) c2p_dq_rows<4>(table, d, c.rows, shift(0), ds, s.dqt.get());
+      for (; d < dim; ++d) c2p_dq_rows<1>(table, d, c.rows, shift(0), ds, s.dqt.get());
       if (g.dc2p_rows) {  // dc2p[t] += dS[i, j] * scale q_i (the packed queries carry the scale)
         acc_t* grad = static_cast<acc_t*>(g.dc2p_rows) + bh * dim * ld;
         for (int64_t lj = 0; lj < c.rows; ++lj)

@@ -107,7 +107,6 @@ struct Chunk {
   bool prefix;
   int64_t j0, rows;
   bool partial;  // some keys of the chunk are padding
-  int64_t column() const { return j0; }
 };
 
 // The chunks of row b in softmax order: the prefix, then the sequence up to its last visible key,
