@@ -42,7 +42,9 @@ def _cuda_extension():
 
 def _cpu_extension():
     import platform
+    import sys
 
+    import torch
     from torch.utils.cpp_extension import CppExtension
 
     default = "AVX2" if platform.machine() in ("x86_64", "AMD64") else "DEFAULT"
@@ -50,11 +52,14 @@ def _cpu_extension():
     if capability not in CPU_CAPABILITY_FLAGS:
         raise SystemExit(f"PTV2_CPU_CAPABILITY must be one of {', '.join(CPU_CAPABILITY_FLAGS)}, got {capability!r}")
     csrc = os.path.join("csrc", "cpu")
+    # at::parallel_for is inline OpenMP code: without -fopenmp the kernels would run on one thread
+    openmp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform == "linux" else []
     return CppExtension(
         "ptv2_kernels._cpu_ext",
         sources=[os.path.join(csrc, name) for name in ("binding.cpp", "forward.cpp", "backward.cpp")],
         include_dirs=[os.path.abspath(csrc)],
-        extra_compile_args=["-O3", *CPU_CAPABILITY_FLAGS[capability]],
+        extra_compile_args=["-O3", *CPU_CAPABILITY_FLAGS[capability], *openmp],
+        extra_link_args=openmp,
     )
 
 

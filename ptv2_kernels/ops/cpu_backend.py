@@ -10,9 +10,10 @@ float32, float64 in float64.
 
 Build: ahead of time (``PTV2_BUILD_CPU=1 pip install --no-build-isolation -e .``, see ``setup.py``), or with
 ninja on first use through ``torch.utils.cpp_extension.load``, cached by torch under
-``TORCH_EXTENSIONS_DIR``. The JIT build compiles for the machine it runs on: ``-O3 -march=native`` and the
+``TORCH_EXTENSIONS_DIR``. The JIT build compiles for the machine it runs on: ``-O3 -march=native``, the
 ``CPU_CAPABILITY_*`` macro of the instruction set torch uses here (``torch.backends.cpu.get_cpu_capability()``),
-which selects ATen's vectorised ``at::vec`` implementation (AVX512 or AVX2; scalar otherwise). Importing
+which selects ATen's vectorised ``at::vec`` implementation (AVX512 or AVX2; scalar otherwise), and
+``-fopenmp`` (``at::parallel_for`` is inline OpenMP code). Importing
 this module builds nothing and never fails; without a compiler or ninja (or with
 ``PTV2_DISABLE_CPU_KERNEL=1``) :func:`use_cpu_kernel` says no, warning once, and ``backend="torch"`` runs the
 pure-PyTorch composition (``backend="torch-ref"``) instead.
@@ -49,13 +50,20 @@ def _capability() -> str:
     return name if name in CAPABILITIES else "DEFAULT"
 
 
+def openmp_flags() -> list:
+    """``-fopenmp`` when torch's intra-op parallelism is OpenMP (Linux wheels): ``at::parallel_for`` is inline
+    ``#pragma omp parallel`` code, which runs on one thread unless the extension is compiled with it (and
+    linked to the ``libgomp.so.1`` torch already loaded)."""
+    return ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform == "linux" else []
+
+
 def jit_flags(capability: str) -> list:
     """Compiler flags of the first-use build on this machine: ``-march=native`` (the binary never leaves
-    it) plus the ``CPU_CAPABILITY_*`` macro that makes ``at::vec`` use AVX512/AVX2 registers."""
+    it), the ``CPU_CAPABILITY_*`` macro that makes ``at::vec`` use AVX512/AVX2 registers, and OpenMP."""
     flags = ["-O3", "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"]
     if capability != "DEFAULT":
         flags.append(f"-DCPU_CAPABILITY_{capability}")
-    return flags
+    return flags + openmp_flags()
 
 
 def _jit_name(capability: str) -> str:
@@ -114,7 +122,8 @@ def _load() -> Tuple[Optional[object], str]:
     directory.mkdir(parents=True, exist_ok=True)
     try:
         module = load(name=name, sources=[str(CSRC / n) for n in SOURCES], extra_cflags=jit_flags(capability),
-                      extra_include_paths=[str(CSRC)], build_directory=str(directory), verbose=False)
+                      extra_ldflags=openmp_flags(), extra_include_paths=[str(CSRC)], build_directory=str(directory),
+                      verbose=False)
     except Exception as error:  # a failed compile or link: keep the compiler output for the user
         log = directory / "build.log"
         log.write_text(f"{type(error).__name__}: {error}\n")
