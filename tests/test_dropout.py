@@ -7,30 +7,18 @@ import torch
 
 from ptv2_kernels import prefix_attention
 from ptv2_kernels.ops.common import Dropout, Options
+from ptv2_kernels.ops.cpu_backend import CpuPrefixAttention
 from ptv2_kernels.ops.torch_backend import TorchPrefixAttention
 from ptv2_kernels.ops.triton_backend import TritonPrefixAttention
 
 from .reference import dropout_masks_v2, reference_attention
 from .test_prefix_attention import DEVICE, make_inputs, real_rows, run_with_grads
 
-
-def torch_backend_masks(seed, batch, heads, seq, num_prefix, dim, p, prefix_p):
-    """The torch backend's documented draw order from ``torch.Generator().manual_seed(seed)``."""
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-
-    def keep(shape, rate):
-        return torch.rand(shape, generator=gen, device=DEVICE) >= rate
-
-    attn = keep((batch, heads, seq, num_prefix + seq), p) if p > 0 else None
-    if prefix_p == 0:
-        return attn, None, None
-    return attn, keep((batch, heads, num_prefix, dim), prefix_p), keep((batch, heads, num_prefix, dim), prefix_p)
-
-
 BACKENDS = {  # (apply(q, k, v, prefix_k, prefix_v, mask, task_ids, options), the masks it must use)
     "triton": (lambda *t: TritonPrefixAttention.apply(*t[:7], None, None, None, None, None, t[7]),
                dropout_masks_v2),
-    "torch": (lambda *t: TorchPrefixAttention.apply(*t[:7], None, t[7]), torch_backend_masks),
+    "torch": (lambda *t: CpuPrefixAttention.apply(*t[:7], None, None, None, None, None, t[7]), dropout_masks_v2),
+    "torch-ref": (lambda *t: TorchPrefixAttention.apply(*t[:7], None, t[7]), dropout_masks_v2),
 }
 
 
@@ -73,7 +61,7 @@ def test_kept_fraction_and_independence():
     assert (other != attn).float().mean() > 0.1
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "torch-ref", "triton"])
 def test_public_api_seeding(backend):
     tensors, mask, task_ids, _ = make_inputs(2, 2, 19, 7, 16, torch.float32, padded_rows=((0, 9),))
     kwargs = dict(key_padding_mask=mask, dropout_p=0.2, prefix_dropout_p=0.3, backend=backend)

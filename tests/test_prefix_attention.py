@@ -144,11 +144,12 @@ def test_deterministic_prefix_reduction(backend):
 
 
 def test_auto_backend_on_cpu_is_torch(monkeypatch):
-    from ptv2_kernels.ops import torch_backend
+    """auto on CPU tensors runs the torch backend's fused C++ kernel."""
+    from ptv2_kernels.ops import cpu_backend
 
     calls = []
-    original = torch_backend.torch_prefix_attention
-    monkeypatch.setattr(torch_backend, "torch_prefix_attention", lambda *a: calls.append(1) or original(*a))
+    original = cpu_backend.cpu_prefix_attention
+    monkeypatch.setattr(cpu_backend, "cpu_prefix_attention", lambda *a: calls.append(1) or original(*a))
     tensors, mask, task_ids, _ = make_inputs(1, 1, 4, 2, 16, torch.float32, device="cpu")
     prefix_attention(*tensors)
     assert calls == [1]

@@ -1,5 +1,5 @@
 """Results: the row schema, progress on stderr, the terminal/Markdown table, ``results.json``, PNG plots
-(only when matplotlib is importable; it is not a dependency) and the headline line."""
+(with the ``plots`` extra, ``pip install "ptv2_kernels[plots]"``: matplotlib) and the headline line."""
 
 import json
 import platform
@@ -154,15 +154,17 @@ def markdown(doc: Dict) -> str:
 
 
 def plots(doc: Dict, out: Path) -> List[Path]:
-    """``<bench>-vs-N.png`` and ``<bench>-vs-P.png`` (time and peak memory per provider), the other axis
-    held at the headline value. Empty (with a note on stderr) without matplotlib."""
+    """``<bench>-vs-N.png`` and ``<bench>-vs-P.png``: time (left) and peak memory (right) per provider against N
+    and against P, the other axis held at the headline value; one PNG per bench and swept axis with at least
+    two points. Empty (with a note on stderr) without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("note: matplotlib is not installed, no plots written (pip install matplotlib)", file=sys.stderr)
+        print('note: matplotlib is not installed, no plots written (pip install "ptv2_kernels[plots]")',
+              file=sys.stderr)
         return []
     h = doc["headline"]["case"]
     written = []
@@ -175,15 +177,18 @@ def plots(doc: Dict, out: Path) -> List[Path]:
                 continue
             fig, axes = plt.subplots(1, 2, figsize=(10, 4))
             for provider in dict.fromkeys(r["provider"] for r in rows):
-                pts = sorted((r[axis], r["ms"], r["peak_mb"]) for r in rows if r["provider"] == provider)
-                axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
-                axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=provider)
+                mine = sorted((r for r in rows if r["provider"] == provider), key=lambda r: r[axis])
+                axes[0].plot([r[axis] for r in mine], [r["ms"] for r in mine], marker="o", label=provider)
+                memory = [r for r in mine if r["peak_mb"] is not None]
+                axes[1].plot([r[axis] for r in memory], [r["peak_mb"] for r in memory], marker="o", label=provider)
             for ax, ylabel in zip(axes, ("ms (median)", "peak MiB above inputs")):
                 ax.set_xlabel(f"{axis} ({other}={fixed[other]})")
                 ax.set_ylabel(ylabel)
+                ax.set_ylim(bottom=0)
                 ax.grid(alpha=0.3)
             axes[0].legend()
-            fig.suptitle(f"{bench}, {base['model']}, B={base['B']}, {base['dtype']} - {doc['device']}")
+            fig.suptitle(f"{bench}, {base['model']}, B={base['B']}, {base['dtype']} - {doc['device']}, "
+                         f"commit {doc['commit']}", fontsize=9)
             fig.tight_layout()
             path = out / f"{bench}-vs-{axis}.png"
             fig.savefig(path, dpi=100)

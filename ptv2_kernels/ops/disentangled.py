@@ -11,7 +11,8 @@ index tables map a distance ``i - j`` to an embedding row. This is transformers'
 (v1) / ``disentangled_attention_bias`` (v2/v3) for relative positions that depend on ``i - j`` only: both
 divide c2p and p2c by the content score's ``sqrt(D * scale_factor)``, so one ``scale`` covers all three.
 The fused Triton kernels gather the terms per tile from these ``[H, R, D]`` tensors (no ``[B, H, N, N]``
-tensor); :func:`bias_matrix` materialises them for the torch backend and deterministic reductions.
+tensor), the fused CPU kernel from distance tables (``cpu_backend.relative_tables``); :func:`bias_matrix`
+materialises them for ``backend="torch-ref"`` and Triton's deterministic reductions.
 The checks against q live with the op's others (``ops/validation.py: check_disentangled``).
 """
 

@@ -13,7 +13,7 @@ from .validation import (KERNEL_DTYPES, KERNEL_HEAD_DIMS, TORCH_DTYPES, Support,
                          check_disentangled, check_dtypes_and_devices, check_flag, check_padded_call, check_prefix,
                          check_probability, check_qkv, check_scale, check_task_ids, prefix_bank)
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
+BACKENDS = ("auto", "triton", "cuda", "torch", "torch-ref")
 
 
 def backend_support(backend: str) -> Support:
@@ -24,9 +24,13 @@ def backend_support(backend: str) -> Support:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs: ``auto`` is triton on a GPU and torch on the CPU."""
+    """The backend that runs: ``auto`` is triton on a GPU and torch on the CPU. ``torch-ref`` (the
+    pure-PyTorch composition) is validated as and returned as ``torch``; the torch branch of the dispatch
+    picks the fused CPU kernel or the composition (:func:`~ptv2_kernels.ops.cpu_backend.use_cpu_kernel`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch-ref":
+        return "torch"
     if backend == "auto":  # triton until the CUDA kernels have been validated on a GPU
         return "triton" if device.type == "cuda" else "torch"
     if backend == "cuda":
@@ -102,7 +106,9 @@ def prefix_attention(
         prefix_dropout_p: P-Tuning v2 prefix dropout: an independent mask per batch row over the prefix
             K/V elements, drawn in-kernel (no ``[B, H, P, D]`` tensor on the fused backends).
         backend: ``"auto"`` (triton on a GPU, torch on the CPU), ``"triton"`` (on CPU tensors under
-            the Triton interpreter), ``"cuda"`` or ``"torch"`` (pure PyTorch, no concatenation).
+            the Triton interpreter), ``"cuda"``, ``"torch"`` (CPU tensors: the fused C++ kernel; CUDA tensors,
+            or no C++ compiler: the composition) or ``"torch-ref"`` (the pure-PyTorch composition, no
+            concatenation).
         deterministic: reduce the prefix gradients over the batch in a fixed order instead of with
             atomics (also on when ``torch.use_deterministic_algorithms(True)``); ``disentangled_bias`` is then
             materialised (its fused gradient uses atomics).
@@ -111,9 +117,9 @@ def prefix_attention(
             terms; differentiable.
         disentangled_bias: DeBERTa's c2p/p2c as a :class:`DisentangledBias` (projected relative embeddings
             ``[H, R, D]`` and distance-to-row tables), added inside ``scale`` to the sequence columns only.
-            The Triton kernels gather the terms per tile, forward and backward, without a ``[B, H, N, N]``
-            tensor; the torch backend and ``deterministic`` reductions materialise them as an
-            ``attn_bias``. Differentiable in its embeddings.
+            The Triton kernels and the fused CPU kernel gather the terms per tile, forward and backward,
+            without a ``[B, H, N, N]`` tensor; ``torch-ref`` and Triton's ``deterministic`` reductions
+            materialise them as an ``attn_bias``. Differentiable in its embeddings.
 
     Returns:
         ``[B, H, N, D]`` in q's dtype (fused backends store it as ``[B, N, H, D]`` underneath).
@@ -133,7 +139,7 @@ def prefix_attention(
     shared prefix's gradient sums every row's).
     """
     check_qkv(q, k, v)
-    backend = resolve_backend(backend, q.device)
+    requested, backend = backend, resolve_backend(backend, q.device)
     call = check_padded_call(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, task_ids=task_ids,
                              attn_bias=attn_bias, disentangled_bias=disentangled_bias, scale=scale,
                              dropout_p=dropout_p, prefix_dropout_p=prefix_dropout_p, support=backend_support(backend))
@@ -147,10 +153,20 @@ def prefix_attention(
         from .cuda_backend import cuda_prefix_attention
 
         return cuda_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, options)
-    if disentangled is not None and (backend == "torch" or options.deterministic):
+    cpu_kernel = False
+    if backend == "torch":
+        from .cpu_backend import use_cpu_kernel
+
+        cpu_kernel = use_cpu_kernel(requested, q.device)
+    if disentangled is not None and not cpu_kernel and (backend == "torch" or options.deterministic):
         # the per-distance atomics of the fused gradient are not reproducible: deterministic runs materialise
+        # (the CPU kernel gathers the terms itself and reduces in a fixed order)
         relative = bias_matrix(q, k, disentangled, options.scale)
         bias, disentangled = relative if bias is None else bias + relative, None
+    if cpu_kernel:
+        from .cpu_backend import cpu_prefix_attention
+
+        return cpu_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options, disentangled)
     if backend == "torch":
         from .torch_backend import torch_prefix_attention
 
@@ -198,12 +214,13 @@ def prefix_attention_varlen(
         Dropout masks use the same counters as the padded op (query/column positions within the row).
 
     Returns:
-        ``[total_tokens, H, D]``, differentiable in q, k, v, prefix_k and prefix_v. The Triton backend
-        reads the packed tokens in place; the torch backend pads, attends and unpacks.
+        ``[total_tokens, H, D]``, differentiable in q, k, v, prefix_k and prefix_v. The Triton backend and
+        the fused CPU kernel (``backend="torch"``) read the packed tokens in place; ``torch-ref`` pads, attends
+        and unpacks.
     """
     check_qkv(q, k, v, layout="[total_tokens, H, D]")
     check_prefix(q, prefix_k, prefix_v)
-    backend = resolve_backend(backend, q.device)
+    requested, backend = backend, resolve_backend(backend, q.device)
     check_dtypes_and_devices(q, {"k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v},
                              backend_support(backend))
     cu_seqlens, max_seqlen = check_cu_seqlens(q, cu_seqlens, max_seqlen)
@@ -215,8 +232,12 @@ def prefix_attention_varlen(
                        check_probability("prefix_dropout_p", prefix_dropout_p), deterministic, max_seqlen)
     prefix_k, prefix_v = prefix_bank(prefix_k, prefix_v)
     if backend == "torch":
+        from .cpu_backend import cpu_prefix_attention_varlen, use_cpu_kernel
         from .torch_backend import torch_prefix_attention_varlen
 
+        if disentangled is None and use_cpu_kernel(requested, q.device):
+            return cpu_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options)
+        # packed DeBERTa rows: the composition materialises the terms on its padded rows
         return torch_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options, disentangled)
     if backend == "cuda":
         raise ValueError("packed sequences (prefix_attention_varlen) are not supported by backend='cuda' yet; use "

@@ -1,17 +1,17 @@
-"""Pure-PyTorch prefix attention: the readable statement of SPEC §1 and the CPU default.
+"""Pure-PyTorch prefix attention: the readable statement of SPEC §1 and the reference path.
 
-The prefix and the sequence are scored as two blocks, ``q @ prefix_k^T`` ``[B, H, N, P]`` and
-``q @ k^T`` ``[B, H, N, N]``, laid side by side for one softmax; the probabilities are then split
-again and multiplied with ``prefix_v`` and ``v`` separately. The keys and values themselves are never
-concatenated, and a shared prefix ``[H, P, D]`` is applied per head with the batch folded into the
-matrix rows instead of being expanded. Like the fused kernels, the forward keeps only the
+``backend="torch-ref"`` runs it; so does ``backend="torch"`` on CUDA tensors, and on the CPU when the fused
+C++ kernel (``cpu_backend.py``) cannot be built. The prefix and the sequence are scored as two blocks,
+``q @ prefix_k^T`` ``[B, H, N, P]`` and ``q @ k^T`` ``[B, H, N, N]``, laid side by side for one softmax; the
+probabilities are then split again and multiplied with ``prefix_v`` and ``v`` separately. The keys and values
+themselves are never concatenated, and a shared prefix ``[H, P, D]`` is applied per head with the batch
+folded into the matrix rows instead of being expanded. Like the fused kernels, the forward keeps only the
 inputs and the output and the backward recomputes the probabilities, so no ``[B, H, N, P + N]`` tensor
 outlives a call.
 
-Dropout masks come from a ``torch.Generator`` seeded with the call's seed, drawn in a fixed order
-(attention ``[B, H, N, P + N]``, then prefix keys and prefix values ``[B, H, P, D]``) and regenerated
-in the backward. Per-row prefix dropout and banks make the prefix per row (``[B, H, P, D]``): that is
-the one place this path materialises it; the fused kernels never do. Half-precision inputs are
+Dropout masks follow RNG contract v2 (``philox.py``): the same masks as the fused kernels for a seed,
+regenerated in the backward. Per-row prefix dropout and banks make the prefix per row (``[B, H, P, D]``):
+that is the one place this path materialises it; the fused kernels never do. Half-precision inputs are
 computed in float32 (float64 stays float64) and the results rounded back.
 """
 
@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import philox
 from .common import Dropout, Options, prefix_rows, reduce_prefix_grad
 from .disentangled import bias_matrix
 
@@ -56,21 +57,18 @@ def _upcast(*tensors):
 
 def _dropout_masks(q: torch.Tensor, num_prefix: int, dropout: Dropout):
     """(attention keep ``[B, H, N, P + N]``, prefix key keep, prefix value keep ``[B, H, P, D]``), each
-    None when its rate is 0, regenerated identically from ``dropout.seed``."""
+    None when its rate is 0: RNG contract v2 for ``dropout.seed``."""
     if not dropout.active:
         return None, None, None
     batch, heads, seq, dim = q.shape
-    gen = torch.Generator(device=q.device)
-    gen.manual_seed(dropout.seed)
-
-    def keep(shape, p):
-        return torch.rand(shape, generator=gen, device=q.device) >= p
-
-    attn = keep((batch, heads, seq, num_prefix + seq), dropout.p) if dropout.p > 0 else None
+    attn = None
+    if dropout.p > 0:
+        attn = philox.attention_keep(dropout.seed, dropout.p, batch, heads, seq, num_prefix, q.device)
     if dropout.prefix_p == 0:
         return attn, None, None
-    shape = (batch, heads, num_prefix, dim)
-    return attn, keep(shape, dropout.prefix_p), keep(shape, dropout.prefix_p)
+    keys, values = (philox.prefix_keep(dropout.seed, dropout.prefix_p, batch, heads, num_prefix, dim, stream, q.device)
+                    for stream in (philox.PREFIX_KEYS, philox.PREFIX_VALUES))
+    return attn, keys, values
 
 
 class _Prefix(NamedTuple):

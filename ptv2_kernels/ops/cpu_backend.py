@@ -1,0 +1,282 @@
+"""Host side of the fused CPU kernels (``csrc/cpu``): what ``backend="torch"`` runs on CPU tensors.
+
+The kernels (C++, ATen ``at::vec``, ``at::parallel_for``) do one online-softmax pass per query block over
+the prefix read from the compact ``[T, H, P, D]`` bank and then the sequence, skipping keys past a row's
+last real token, and save the row log-sum-exp; the backward recomputes the probabilities per block and
+reduces the prefix gradients over the batch in a fixed order (deterministic, whatever the number of
+threads). Dropout follows RNG contract v2 (``ops/philox.py``), so a seed gives the masks of every other
+backend. Inputs are read in place (strided q/k/v views, a strided bank); half precision accumulates in
+float32, float64 in float64.
+
+Build: ahead of time (``PTV2_BUILD_CPU=1 pip install --no-build-isolation -e .``, see ``setup.py``), or with
+ninja on first use through ``torch.utils.cpp_extension.load``, cached by torch under
+``TORCH_EXTENSIONS_DIR``. The JIT build compiles for the machine it runs on: ``-O3 -march=native``, the
+``CPU_CAPABILITY_*`` macro of the instruction set torch uses here (``torch.backends.cpu.get_cpu_capability()``),
+which selects ATen's vectorised ``at::vec`` implementation (AVX512 or AVX2; scalar otherwise), and
+``-fopenmp`` (``at::parallel_for`` is inline OpenMP code). Importing
+this module builds nothing and never fails; without a compiler or ninja (or with
+``PTV2_DISABLE_CPU_KERNEL=1``) :func:`use_cpu_kernel` says no, warning once, and ``backend="torch"`` runs the
+pure-PyTorch composition (``backend="torch-ref"``) instead.
+
+``cpu_forward`` / ``cpu_backward`` are plain functions of tensors; :class:`CpuPrefixAttention` is the
+autograd Function around them.
+"""
+
+import functools
+import hashlib
+import importlib
+import os
+import platform
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from .common import Options
+
+EXTENSION_NAME = "ptv2_prefix_attention_cpu"
+CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
+SOURCES = ("binding.cpp", "forward.cpp", "backward.cpp")
+CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")  # ATen's CPU_CAPABILITY names, weakest first
+DISABLE_ENV = "PTV2_DISABLE_CPU_KERNEL"
+
+
+def _capability() -> str:
+    """The vector instruction set torch's own CPU kernels use here (honours ``ATEN_CPU_CAPABILITY``)."""
+    name = torch.backends.cpu.get_cpu_capability()
+    return name if name in CAPABILITIES else "DEFAULT"
+
+
+def openmp_flags() -> list:
+    """``-fopenmp`` when torch's intra-op parallelism is OpenMP (Linux wheels): ``at::parallel_for`` is inline
+    ``#pragma omp parallel`` code, which runs on one thread unless the extension is compiled with it (and
+    linked to the ``libgomp.so.1`` torch already loaded)."""
+    return ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform == "linux" else []
+
+
+def jit_flags(capability: str) -> list:
+    """Compiler flags of the first-use build on this machine: ``-march=native`` (the binary never leaves
+    it), the ``CPU_CAPABILITY_*`` macro that makes ``at::vec`` use AVX512/AVX2 registers, and OpenMP."""
+    flags = ["-O3", "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"]
+    if capability != "DEFAULT":
+        flags.append(f"-DCPU_CAPABILITY_{capability}")
+    return flags + openmp_flags()
+
+
+def _jit_name(capability: str) -> str:
+    """Extension name of the JIT build: the capability and a hash of this CPU's model and flags, so that a
+    build cache shared between different machines never hands one a binary for another's instructions."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = "".join(line for line in f if line.startswith(("model name", "flags")))
+    except OSError:
+        pass
+    build = f"{cpu}|{torch.__version__}|{sys.version}"
+    return f"{EXTENSION_NAME}_{capability.lower()}_{hashlib.sha1(build.encode()).hexdigest()[:8]}"
+
+
+def _build_directory(name: str) -> Path:
+    """``TORCH_EXTENSIONS_DIR`` (else torch's default root) / name."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR", get_default_build_root())) / name
+
+
+def _ahead_of_time() -> Optional[object]:
+    """``ptv2_kernels._cpu_ext`` from ``PTV2_BUILD_CPU=1`` if installed and runnable on this CPU."""
+    try:
+        module = importlib.import_module("ptv2_kernels._cpu_ext")
+    except ImportError:
+        return None
+    compiled = module.capability()
+    return module if CAPABILITIES.index(compiled) <= CAPABILITIES.index(_capability()) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> Tuple[Optional[object], str]:
+    """The compiled extension and how it was had, or ``(None, why not)``. One attempt per process."""
+    if os.environ.get(DISABLE_ENV) == "1":
+        return None, f"disabled by {DISABLE_ENV}=1"
+    module = _ahead_of_time()
+    if module is not None:
+        return module, f"ahead-of-time build ({module.capability()})"
+    from torch.utils.cpp_extension import is_ninja_available, load
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return None, f"no C++ compiler ({compiler!r} not found; set CXX)"
+    if not is_ninja_available():
+        return None, "ninja is not installed (pip install ninja)"
+    if not all((CSRC / name).exists() for name in SOURCES):
+        return None, f"the kernel sources are missing from {CSRC}"
+    capability = _capability()
+    name = _jit_name(capability)
+    directory = _build_directory(name)
+    if not (directory / f"{name}.so").exists():
+        print(f"ptv2_kernels: building the fused CPU kernel for {capability} (first use, about a minute; cached in "
+              f"{directory})", file=sys.stderr, flush=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        module = load(name=name, sources=[str(CSRC / n) for n in SOURCES], extra_cflags=jit_flags(capability),
+                      extra_ldflags=openmp_flags(), extra_include_paths=[str(CSRC)], build_directory=str(directory),
+                      verbose=False)
+    except Exception as error:  # a failed compile or link: keep the compiler output for the user
+        log = directory / "build.log"
+        log.write_text(f"{type(error).__name__}: {error}\n")
+        return None, f"building it failed; compiler output in {log}"
+    return module, f"JIT build {name} ({capability})"
+
+
+def cpu_kernel_status() -> Tuple[bool, str]:
+    """``(available, how it was built or why it is not)``; builds the extension on the first call."""
+    module, reason = _load()
+    return module is not None, reason
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(f"ptv2_kernels: the fused CPU kernel is unavailable ({reason}); backend='torch' runs the "
+                  "pure-PyTorch composition (backend='torch-ref') instead", RuntimeWarning, stacklevel=4)
+
+
+def use_cpu_kernel(requested: str, device: torch.device) -> bool:
+    """Whether a call that asked for ``requested`` (``auto``/``torch``/``torch-ref``) on ``device`` runs the
+    fused CPU kernel: CPU tensors, not ``torch-ref``, and the extension is built (else a warning, once)."""
+    if requested == "torch-ref" or device.type != "cpu":
+        return False
+    module, reason = _load()
+    if module is None:
+        _warn_fallback(reason)
+        return False
+    return True
+
+
+def _extension():
+    module, reason = _load()
+    if module is None:
+        raise RuntimeError(f"ptv2_kernels: the fused CPU kernel is unavailable: {reason}")
+    return module
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+RELATIVE_PAD = 128  # table rows are read up to one query block (csrc/cpu/params.h: kBlockQ) past 2N - 1
+
+
+def relative_tables(q, relative, scale: float, seq: int, backward: bool):
+    """DeBERTa's c2p/p2c as the kernels' distance tables (``csrc/cpu/params.h``), from ``relative = (pos_key,
+    pos_query, index)`` of a :class:`~ptv2_kernels.ops.disentangled.DisentangledBias`: ``(c2p_t [H, D, L],
+    p2c_t [H, D, L] times the scale, p2c_rows [H, L, D] or None)`` in float32/float64 over the distance
+    t = i - j + N - 1 (L = 2N - 1 + padding), None where a term is absent. Small: ``[H, 2N, D]``."""
+    pos_key, pos_query, index = relative
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    distances = 2 * seq - 1
+    index = index.long()
+
+    def table(emb, row, factor, transposed):
+        heads, _, dim = emb.shape
+        gathered = emb.detach().to(acc)[:, index[row]] * factor  # [H, 2N - 1, D]
+        if transposed:
+            out = gathered.new_zeros(heads, dim, distances + RELATIVE_PAD)
+            out[:, :, :distances] = gathered.transpose(1, 2)
+        else:
+            out = gathered.new_zeros(heads, distances + RELATIVE_PAD, dim)
+            out[:, :distances] = gathered
+        return out
+
+    c2p = None if pos_key is None else table(pos_key, 0, 1.0, True)
+    p2c = None if pos_query is None else table(pos_query, 1, scale, True)
+    p2c_rows = None if pos_query is None or not backward else table(pos_query, 1, 1.0, False)
+    return c2p, p2c, p2c_rows
+
+
+def _fold_table(grad, emb, index, factor, seq):
+    """Gradient of a distance table ``[H, D, L]`` summed into the embedding rows each distance reads."""
+    if grad is None:
+        return None
+    per_distance = grad[:, :, :2 * seq - 1].transpose(1, 2) * factor  # [H, 2N - 1, D]
+    rows = per_distance.new_zeros(emb.shape)
+    return rows.index_add_(1, index.long(), per_distance).to(emb.dtype)
+
+
+def cpu_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, options: Options):
+    """``(out, lse)``: out like q (padded ``[B, H, N, D]`` stored as ``[B, N, H, D]``, or packed
+    ``[total, H, D]``), lse ``[B, H, N]`` float32 (float64 for float64 inputs; +inf where a row sees no
+    column). ``bias`` in q's dtype or None; ``relative``: ``(pos_key, pos_query, index)`` of DeBERTa's terms or
+    None; ``cu_seqlens`` int64 ``[B + 1]`` for packed rows or None."""
+    dropout = options.dropout
+    c2p, p2c, _ = (None,) * 3 if relative is None else relative_tables(q, relative, options.scale, q.shape[2], False)
+    return _extension().forward(q, k, v, _unit_last(prefix_k), _unit_last(prefix_v), mask, task_ids, bias,
+                                cu_seqlens, options.max_seqlen, options.scale, dropout.seed, dropout.p,
+                                dropout.prefix_p, c2p, p2c)
+
+
+def cpu_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, out, lse,
+                 options: Options, bias_grad: bool, relative_grads=(False, False)):
+    """``(dq, dk, dv, dprefix_k, dprefix_v, dbias, dpos_key, dpos_query)``: dq/dk/dv like q; the prefix
+    gradients ``[T, H, P, D]`` summed over the rows of each task in float32 (float64); dbias ``[B, H, N, N]`` in
+    q's dtype if ``bias_grad`` else None; the relative embeddings' gradients (their dtype) where
+    ``relative_grads`` asks for them, else None."""
+    dropout = options.dropout
+    seq = q.shape[2] if relative is not None else 0
+    c2p, p2c, p2c_rows = (None,) * 3 if relative is None else relative_tables(q, relative, options.scale, seq, True)
+    wants = [bool(w) and t is not None for w, t in zip(relative_grads, (c2p, p2c))]
+    dq, dk, dv, dpk, dpv, dbias, dc2p, dp2c = _extension().backward(
+        _unit_last(d_out), q, k, v, _unit_last(prefix_k), _unit_last(prefix_v), mask, task_ids, bias, cu_seqlens,
+        options.max_seqlen, out, lse, bias_grad, options.scale, dropout.seed, dropout.p, dropout.prefix_p,
+        c2p, p2c, p2c_rows, *wants)
+    dpos_key = _fold_table(dc2p, relative[0], relative[2][0], 1.0, seq) if wants[0] else None
+    dpos_query = _fold_table(dp2c, relative[1], relative[2][1], options.scale, seq) if wants[1] else None
+    return dq, dk, dv, dpk, dpv, dbias if bias_grad else None, dpos_key, dpos_query
+
+
+class CpuPrefixAttention(torch.autograd.Function):
+    """Inputs: q, k, v ``[B, H, N, D]`` or packed ``[total, H, D]`` (unit last stride); prefix_k, prefix_v
+    ``[T, H, P, D]``; bool mask ``[B, N]`` (contiguous) or None; task_ids ``[B]`` int64 or None; attention
+    bias ``[B, H, N, N]`` in q's dtype (any strides) or None; DeBERTa's pos_key, pos_query (``[H, R, D]`` or None)
+    and index (int32 ``[2, 2N - 1]``, None without them); cu_seqlens int64 ``[B + 1]`` or None; :class:`Options`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index, cu_seqlens,
+                options: Options):
+        relative = None if rel_index is None else (pos_key, pos_query, rel_index)
+        out, lse = cpu_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, options)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index,
+                              cu_seqlens, out, lse)
+        ctx.options = options
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index, cu_seqlens, out, lse = (
+            ctx.saved_tensors)
+        relative = None if rel_index is None else (pos_key, pos_query, rel_index)
+        dq, dk, dv, dpk, dpv, dbias, dpos_key, dpos_query = cpu_backward(
+            d_out.to(q.dtype), q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, out, lse,
+            ctx.options, ctx.needs_input_grad[7], ctx.needs_input_grad[8:10])
+        return (dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), None, None, dbias, dpos_key, dpos_query,
+                None, None, None)
+
+
+def cpu_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options,
+                         disentangled=None) -> torch.Tensor:
+    """Validated entry point of the fused CPU kernel (see :func:`ptv2_kernels.prefix_attention`);
+    ``disentangled``: a checked :class:`~ptv2_kernels.ops.disentangled.DisentangledBias` (its c2p/p2c are added
+    in-kernel from distance tables, no ``[B, H, N, N]`` tensor) or None."""
+    if bias is not None and bias.dtype != q.dtype:
+        bias = bias.to(q.dtype)
+    rel = (None, None, None) if disentangled is None else disentangled.tensors
+    return CpuPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, *rel, None, options)
+
+
+def cpu_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options: Options) -> torch.Tensor:
+    """Validated entry point for packed rows (see :func:`ptv2_kernels.prefix_attention_varlen`): read in place,
+    no padding."""
+    return CpuPrefixAttention.apply(q, k, v, prefix_k, prefix_v, None, task_ids, None, None, None, None, cu_seqlens,
+                                    options)
