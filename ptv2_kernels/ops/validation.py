@@ -14,7 +14,7 @@ is computed on the device and asserted there with ``torch._assert_async`` (a fai
 device-side assertion, a ``RuntimeError``, at the next synchronisation). Callers that want a
 ``ValueError`` on CUDA check once per forward on the host, e.g. with :func:`check_task_id_values`.
 Every check takes ``sync_free`` (default: ``True`` off the CPU) so the device path is testable on CPU
-tensors.
+tensors. Under ``torch.compile`` every value check is sync-free (a traced graph cannot read values).
 """
 
 import math
@@ -49,8 +49,11 @@ def _same_device(name: str, t: torch.Tensor, q: torch.Tensor) -> None:
 
 
 def is_sync_free(t: torch.Tensor, sync_free: Optional[bool]) -> bool:
-    """Whether value checks on ``t`` must avoid reading it back: ``sync_free`` if given, else True for
-    every device but the CPU (where a read costs nothing)."""
+    """Whether value checks on ``t`` must avoid reading it back: always under ``torch.compile`` (a traced graph
+    cannot read a value without breaking), else ``sync_free`` if given, else True for every device but the
+    CPU (where a read costs nothing)."""
+    if torch.compiler.is_compiling():
+        return True
     return t.device.type != "cpu" if sync_free is None else sync_free
 
 
@@ -206,10 +209,10 @@ def check_probability(name: str, p) -> float:
 def check_scale(scale, head_dim: int) -> float:
     """The score scale: finite and positive, default ``1/sqrt(head_dim)``."""
     if scale is None:
-        return 1.0 / math.sqrt(head_dim)
+        return 1.0 / math.sqrt(int(head_dim))
     if not _is_number(scale):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if not (math.isfinite(scale) and scale > 0):
+    if not 0.0 < scale < math.inf:  # also False for NaN; comparisons trace, math.isfinite does not
         raise ValueError(f"scale must be a finite positive number, got {scale}")
     return float(scale)
 

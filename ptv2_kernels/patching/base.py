@@ -143,8 +143,11 @@ class PatchState:
 
 
 def bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
-    """``module.forward``'s arguments by name (edit ``.arguments``, then call with ``.args, .kwargs``)."""
-    return inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    """``module.forward``'s arguments by name (edit ``.arguments``, then call with ``.args, .kwargs``). Read
+    from the class's ``forward`` (less ``self``): a patched DeBERTa base model's instance ``forward`` is a
+    wrapper with the same signature, which dynamo's ``inspect.signature`` does not follow."""
+    signature = inspect.signature(type(module).forward)
+    return signature.replace(parameters=list(signature.parameters.values())[1:]).bind_partial(*args, **kwargs)
 
 
 def _examples(bound: inspect.BoundArguments) -> tuple:
