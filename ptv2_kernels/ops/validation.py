@@ -247,7 +247,9 @@ def check_cu_seqlens(q, cu_seqlens, max_seqlen, sync_free: Optional[bool] = None
     total = q.shape[0]
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     rising = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (lengths >= 0).all()
-    expected = f"cu_seqlens must rise from 0 to total_tokens = {total} without decreasing"
+    # traced code: formatting a symbolic size would specialise the graph to it
+    total_shown = "" if torch.compiler.is_compiling() else f" = {total}"
+    expected = f"cu_seqlens must rise from 0 to total_tokens{total_shown} without decreasing"
     if max_seqlen is not None and is_sync_free(cu_seqlens, sync_free):
         require(rising & (lengths <= max_seqlen).all(),
                 f"{expected}, and max_seqlen={max_seqlen} must be >= the longest row", True)
@@ -272,13 +274,15 @@ def check_disentangled(q, bias, sync_free: Optional[bool] = None) -> Optional[Di
         raise TypeError(f"disentangled_bias must be a DisentangledBias or None, got {type(bias).__name__}")
     _, heads, seq, dim = q.shape
     index = bias.index
-    expected = f"disentangled_bias.index must be an int32 tensor [2, 2N - 1] = [2, {2 * seq - 1}]"
+    def expected():  # formatted only to raise (a symbolic N would be specialised by formatting)
+        return f"disentangled_bias.index must be an int32 tensor [2, 2N - 1] = [2, {2 * seq - 1}]"
+
     if not isinstance(index, torch.Tensor):
-        raise TypeError(f"{expected}, got {type(index).__name__}")
+        raise TypeError(f"{expected()}, got {type(index).__name__}")
     if index.dtype != torch.int32:
-        raise TypeError(f"{expected}, got dtype {index.dtype}")
+        raise TypeError(f"{expected()}, got dtype {index.dtype}")
     if index.shape != (2, 2 * seq - 1):
-        raise ValueError(f"{expected}, got shape {tuple(index.shape)}")
+        raise ValueError(f"{expected()}, got shape {tuple(index.shape)}")
     _same_device("disentangled_bias.index", index, q)
     if bias.pos_key is None and bias.pos_query is None:
         raise ValueError("disentangled_bias needs pos_key (c2p), pos_query (p2c) or both, got neither")
