@@ -160,9 +160,23 @@ def prefix_attention_bwd(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_
         dq, dk, dv, dpk, dpv, dbias = torch_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out,
                                                      lse if lse.numel() else None, options, bias_grad)
     packed = cu_seqlens is not None
-    dq, dk, dv = (_qkv_layout(g.to(q.dtype), packed) for g in (dq, dk, dv))
-    return (dq, dk, dv, dpk.to(prefix_k.dtype).contiguous(), dpv.to(prefix_v.dtype).contiguous(),
-            *(_grad_or_empty(g, like) for g, like in ((dbias, bias), (dpos_key, pos_key), (dpos_query, pos_query))))
+    grads = [_qkv_layout(g.to(q.dtype), packed) for g in (dq, dk, dv)]
+    grads += [dpk.to(prefix_k.dtype).contiguous(), dpv.to(prefix_v.dtype).contiguous()]
+    grads += [_grad_or_empty(g, like) for g, like in ((dbias, bias), (dpos_key, pos_key), (dpos_query, pos_query))]
+    return _unaliased(grads)
+
+
+def _unaliased(outputs) -> tuple:
+    """``outputs`` with any that shares memory with an earlier one cloned (a custom op's outputs must not
+    alias each other; the Triton backend returns the two prefix gradients as halves of one buffer)."""
+    seen, result = set(), []
+    for t in outputs:
+        pointer = t.untyped_storage().data_ptr() if t.numel() else None
+        if pointer in seen:
+            t = t.clone()
+        seen.add(pointer)
+        result.append(t)
+    return tuple(result)
 
 
 def _grad_or_empty(grad: Optional[Tensor], like: Optional[Tensor]) -> Tensor:
