@@ -19,7 +19,7 @@ import torch
 from ptv2_kernels import DisentangledBias, prefix_attention, prefix_attention_varlen
 from ptv2_kernels.ops import cpu_backend
 from ptv2_kernels.ops.common import Dropout, Options
-from ptv2_kernels.ops.cpu_backend import CpuPrefixAttention
+from ptv2_kernels.ops.library import attend
 
 from .reference import dropout_masks_v2, reference_attention
 from .test_prefix_attention import GRID, assert_matches_reference, make_inputs, run_with_grads
@@ -91,7 +91,7 @@ def test_strided_bank_and_bias_read_in_place():
 def _gradcheck(tensors, mask, task_ids, bias, cu_seqlens, options):
     def run(*t):
         extra = t[5] if bias is not None else None
-        return CpuPrefixAttention.apply(*t[:5], mask, task_ids, extra, None, None, None, cu_seqlens, options)
+        return attend("cpu", *t[:5], mask, task_ids, extra, None, None, None, cu_seqlens, options)
 
     leaves = [t.detach().clone().requires_grad_() for t in tensors + ([bias] if bias is not None else [])]
     assert torch.autograd.gradcheck(run, leaves)
@@ -120,8 +120,8 @@ def test_packed_dropout_uses_the_padded_masks():
     tensors, cu_seqlens, _, d_out, row, position = packed_case(lengths, heads, num_prefix, dim, seed=1)
     dropout = Dropout(p=0.3, prefix_p=0.2, seed=99)
     bank = [t.unsqueeze(0) for t in tensors[3:]]
-    got = run_with_grads(lambda *t: CpuPrefixAttention.apply(*t, None, None, *(None,) * 4, cu_seqlens,
-                                                             Options(0.25, dropout, max_seqlen=21)),
+    got = run_with_grads(lambda *t: attend("cpu", *t, None, None, *(None,) * 4, cu_seqlens,
+                                           Options(0.25, dropout, max_seqlen=21)),
                          tensors[:3] + bank, d_out)
     mask = padded(torch.ones(sum(lengths), dtype=torch.bool), row, position, 2, 21)
     pad = [padded(t, row, position, 2, 21) for t in tensors[:3] + [d_out]]

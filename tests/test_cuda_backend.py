@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ptv2_kernels.ops.common import Dropout, Options
-from ptv2_kernels.ops.cuda_backend import CudaPrefixAttention, cuda_status
+from ptv2_kernels.ops.cuda_backend import cuda_status
+from ptv2_kernels.ops.library import attend
 
 from .reference import dropout_masks_v2, reference_attention
 from .test_prefix_attention import FLOOR, max_abs, real_rows
@@ -36,14 +37,10 @@ def make_inputs(batch, heads, seq, num_prefix, dim, dtype, tasks, padded_rows, s
     return tensors, mask, task_ids, d_out
 
 
-def run_with_grads(function, tensors, mask, task_ids, d_out, options, packed=False):
-    """``[out, dq, dk, dv, dprefix_k, dprefix_v]`` of the CUDA or Triton autograd Function."""
-    if function is CudaPrefixAttention:
-        def call(*t):
-            return CudaPrefixAttention.apply(*t, mask, task_ids, options)
-    else:
-        def call(*t):
-            return function.apply(*t, mask, task_ids, None, None, None, None, None, options)
+def run_with_grads(backend, tensors, mask, task_ids, d_out, options, packed=False):
+    """``[out, dq, dk, dv, dprefix_k, dprefix_v]`` of the registered op on ``backend`` ("cuda" or "triton")."""
+    def call(*t):
+        return attend(backend, *t, mask, task_ids, None, None, None, None, None, options)
     return run_function_with_grads(call, tensors, d_out, packed=packed)
 
 
@@ -68,10 +65,8 @@ def options_for(dim, p=0.0, prefix_p=0.0, seed=1234, deterministic=False, scale=
 
 def assert_cuda_matches(tensors, mask, task_ids, d_out, options, packed=True):
     """CUDA vs float64: error at most 2x Triton's error (same inputs, same masks) plus the dtype floor."""
-    from ptv2_kernels.ops.triton_backend import TritonPrefixAttention
-
-    got = run_with_grads(CudaPrefixAttention, tensors, mask, task_ids, d_out, options, packed)
-    triton = run_with_grads(TritonPrefixAttention, tensors, mask, task_ids, d_out, options, packed)
+    got = run_with_grads("cuda", tensors, mask, task_ids, d_out, options, packed)
+    triton = run_with_grads("triton", tensors, mask, task_ids, d_out, options, packed)
     ref = reference_with_grads(tensors, mask, task_ids, d_out, options)
     floor = FLOOR[tensors[0].dtype]
     for name, g, t, r in zip(NAMES, got, triton, ref):
@@ -111,16 +106,16 @@ def test_custom_scale_contiguous_inputs():
 
 def test_output_is_stored_as_bnhd():
     tensors, mask, task_ids, _ = make_inputs(2, 3, 9, 4, 64, torch.float16, None, ())
-    out = CudaPrefixAttention.apply(*tensors, mask, task_ids, options_for(64))
+    out = attend("cuda", *tensors, mask, task_ids, None, None, None, None, None, options_for(64))
     assert out.shape == (2, 3, 9, 64) and out.transpose(1, 2).is_contiguous()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_deterministic_prefix_reduction(dtype):
     tensors, mask, task_ids, d_out = make_inputs(4, 2, 23, 37, 32, dtype, 3, ((2, 5),))
-    first = run_with_grads(CudaPrefixAttention, tensors, mask, task_ids, d_out, options_for(32, deterministic=True))
-    second = run_with_grads(CudaPrefixAttention, tensors, mask, task_ids, d_out, options_for(32, deterministic=True))
-    atomic = run_with_grads(CudaPrefixAttention, tensors, mask, task_ids, d_out, options_for(32))
+    first = run_with_grads("cuda", tensors, mask, task_ids, d_out, options_for(32, deterministic=True))
+    second = run_with_grads("cuda", tensors, mask, task_ids, d_out, options_for(32, deterministic=True))
+    atomic = run_with_grads("cuda", tensors, mask, task_ids, d_out, options_for(32))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for name, a, b, c in zip(NAMES, first, second, atomic):
         assert torch.equal(a, b), name

@@ -7,18 +7,15 @@ import torch
 
 from ptv2_kernels import prefix_attention
 from ptv2_kernels.ops.common import Dropout, Options
-from ptv2_kernels.ops.cpu_backend import CpuPrefixAttention
-from ptv2_kernels.ops.torch_backend import TorchPrefixAttention
-from ptv2_kernels.ops.triton_backend import TritonPrefixAttention
+from ptv2_kernels.ops.library import attend
 
 from .reference import dropout_masks_v2, reference_attention
 from .test_prefix_attention import DEVICE, make_inputs, real_rows, run_with_grads
 
 BACKENDS = {  # (apply(q, k, v, prefix_k, prefix_v, mask, task_ids, options), the masks it must use)
-    "triton": (lambda *t: TritonPrefixAttention.apply(*t[:7], None, None, None, None, None, t[7]),
-               dropout_masks_v2),
-    "torch": (lambda *t: CpuPrefixAttention.apply(*t[:7], None, None, None, None, None, t[7]), dropout_masks_v2),
-    "torch-ref": (lambda *t: TorchPrefixAttention.apply(*t[:7], None, t[7]), dropout_masks_v2),
+    "triton": (lambda *t: attend("triton", *t[:7], None, None, None, None, None, t[7]), dropout_masks_v2),
+    "torch": (lambda *t: attend("cpu", *t[:7], None, None, None, None, None, t[7]), dropout_masks_v2),
+    "torch-ref": (lambda *t: attend("torch-ref", *t[:7], None, None, None, None, None, t[7]), dropout_masks_v2),
 }
 
 

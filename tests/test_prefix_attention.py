@@ -157,7 +157,7 @@ def test_auto_backend_on_cpu_is_torch(monkeypatch):
 
 def test_gradcheck_torch_backend_float64():
     from ptv2_kernels.ops.common import Dropout, Options
-    from ptv2_kernels.ops.torch_backend import TorchPrefixAttention
+    from ptv2_kernels.ops.library import attend
 
     tensors, mask, task_ids, _ = make_inputs(3, 2, 5, 3, 4, torch.float64, tasks=2, padded_rows=((1, 2),))
     tensors = [t.detach().clone().requires_grad_() for t in tensors]
@@ -165,9 +165,9 @@ def test_gradcheck_torch_backend_float64():
     plain = Options(scale=0.5, dropout=Dropout())
     dropped = Options(scale=0.5, dropout=Dropout(p=0.3, prefix_p=0.4, seed=1234))
     for options in (plain, dropped):
-        assert torch.autograd.gradcheck(lambda *t: TorchPrefixAttention.apply(*t, mask, task_ids, None, options),
+        assert torch.autograd.gradcheck(lambda *t: attend("torch-ref", *t, mask, task_ids, *(None,) * 5, options),
                                         tensors)
-    assert torch.autograd.gradcheck(lambda *t: TorchPrefixAttention.apply(*t[:5], mask, task_ids, t[5], dropped),
+    assert torch.autograd.gradcheck(lambda *t: attend("torch-ref", *t[:5], mask, task_ids, t[5], *(None,) * 4, dropped),
                                     tensors + [bias])
 
 

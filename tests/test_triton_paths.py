@@ -9,7 +9,7 @@ import torch
 from ptv2_kernels import prefix_attention_varlen
 from ptv2_kernels.ops import triton_backend
 from ptv2_kernels.ops.common import Dropout, Options
-from ptv2_kernels.ops.triton_backend import TritonPrefixAttention
+from ptv2_kernels.ops.library import attend
 
 from .reference import dropout_masks_v2, reference_attention
 from .test_disentangled import check, relative_positions
@@ -33,9 +33,9 @@ def masks(batch, seq, kind, gen):
 
 
 def apply(tensors, mask, task_ids, options, cu_seqlens=None):
-    """TritonPrefixAttention on a ``[T, H, P, D]`` bank (a single prefix gets T = 1)."""
+    """The registered op (Triton) on a ``[T, H, P, D]`` bank (a single prefix gets T = 1)."""
     prefix = [t if t.dim() == 4 else t.unsqueeze(0) for t in tensors[3:]]
-    return TritonPrefixAttention.apply(*tensors[:3], *prefix, mask, task_ids, None, None, None, None, cu_seqlens,
+    return attend("triton", *tensors[:3], *prefix, mask, task_ids, None, None, None, None, cu_seqlens,
                                        options)
 
 
@@ -128,7 +128,7 @@ def test_padded_rows_do_not_reach_gradients():
 def test_indices_from_memory_are_clamped():
     """Task ids, cu_seqlens and relative-index entries out of range cannot make a kernel read out of bounds:
     they are clamped (a task id to [0, T), cu_seqlens to [0, total], a relative index to [0, R)). Validation is
-    bypassed on purpose (TritonPrefixAttention directly): on CUDA tensors it is a device-side check."""
+    bypassed on purpose (the registered op directly): on CUDA tensors it is a device-side check."""
     tensors, mask, _, _ = make_inputs(3, 2, 11, 5, 16, torch.float32, tasks=2, padded_rows=((1, 4),), seed=13)
     options = Options(scale=0.25, dropout=Dropout(0.1, 0.1, 3))
     wild = apply(tensors, mask, torch.tensor([-4, 1, 9], device=DEVICE), options)
@@ -138,16 +138,16 @@ def test_indices_from_memory_are_clamped():
     q = torch.randn(10, 2, 16, device=DEVICE)
     prefix = [torch.randn(1, 2, 3, 16, device=DEVICE) for _ in range(2)]
     for cu in ([0, 4, 25], [0, -7, 10], [3, 2, 1]):  # tokens no row covers stay unwritten: only no crash here
-        out = TritonPrefixAttention.apply(q, q, q, *prefix, None, None, None, None, None, None,
+        out = attend("triton", q, q, q, *prefix, None, None, None, None, None, None,
                                           torch.tensor(cu, device=DEVICE), Options(0.25, Dropout(), max_seqlen=6))
         assert out.shape == q.shape
 
     q, k, v, pk, pv = make_inputs(1, 2, 9, 3, 16, torch.float32, seed=14)[0]
     pos = torch.randn(2, 4, 16, device=DEVICE)
     index = torch.randint(-50, 50, (2, 17), dtype=torch.int32, device=DEVICE)
-    wild = TritonPrefixAttention.apply(q, k, v, pk[None], pv[None], None, None, None, pos, pos, index, None,
+    wild = attend("triton", q, k, v, pk[None], pv[None], None, None, None, pos, pos, index, None,
                                        Options(0.25, Dropout()))
-    tame = TritonPrefixAttention.apply(q, k, v, pk[None], pv[None], None, None, None, pos, pos, index.clamp(0, 3),
+    tame = attend("triton", q, k, v, pk[None], pv[None], None, None, None, pos, pos, index.clamp(0, 3),
                                        None, Options(0.25, Dropout()))
     assert torch.equal(wild, tame)
 
@@ -163,7 +163,7 @@ def test_grids_are_one_dimensional_for_any_batch_and_heads(monkeypatch):
     monkeypatch.setattr(triton_backend, "_launch", record)
     q = torch.zeros(70000, 1, 2, 16, device=DEVICE, requires_grad=True)
     prefix = torch.zeros(1, 1, 3, 16, device=DEVICE, requires_grad=True)
-    out = TritonPrefixAttention.apply(q, q, q, prefix, prefix, None, None, None, None, None, None, None,
+    out = attend("triton", q, q, q, prefix, prefix, None, None, None, None, None, None, None,
                                       Options(0.25, Dropout()))
     out.sum().backward()
     assert {name for name, _ in grids} == {"prefix_attention_fwd_kernel", "prefix_attention_bwd_dq_kernel",

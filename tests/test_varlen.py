@@ -61,7 +61,7 @@ def test_packed_equals_padded(backend, lengths, num_prefix, tasks):
 def test_packed_dropout_uses_the_padded_masks():
     """The Triton kernels draw the same masks for a packed row as for the same padded row."""
     from ptv2_kernels.ops.common import Dropout, Options
-    from ptv2_kernels.ops.triton_backend import TritonPrefixAttention
+    from ptv2_kernels.ops.library import attend
 
     lengths = [21, 9]
     tensors, cu_seqlens, _, d_out, row, position = packed_case(lengths, 2, 7, 16, seed=1)
@@ -69,12 +69,12 @@ def test_packed_dropout_uses_the_padded_masks():
     bank = [t.unsqueeze(0) for t in tensors[3:]]
     packed = Options(scale=0.25, dropout=dropout, max_seqlen=21)
     no_bias = (None,) * 4  # attn_bias and the disentangled terms
-    got = run_with_grads(lambda *t: TritonPrefixAttention.apply(*t, None, None, *no_bias, cu_seqlens, packed),
+    got = run_with_grads(lambda *t: attend("triton", *t, None, None, *no_bias, cu_seqlens, packed),
                          tensors[:3] + bank, d_out)
     mask = padded(torch.ones(sum(lengths), dtype=torch.bool), row, position, 2, 21).to(DEVICE)
     pad = [padded(t.cpu(), row, position, 2, 21).to(DEVICE) for t in tensors[:3] + [d_out]]
     plain = Options(scale=0.25, dropout=dropout)
-    ref = run_with_grads(lambda *t: TritonPrefixAttention.apply(*t, mask, None, *no_bias, None, plain),
+    ref = run_with_grads(lambda *t: attend("triton", *t, mask, None, *no_bias, None, plain),
                          pad[:3] + bank, pad[3])
     unpack = (lambda t: t.transpose(1, 2)[row, position])
     for name, g, r in zip(["out", "dq", "dk", "dv"], got[:4], ref[:4]):

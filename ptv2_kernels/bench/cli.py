@@ -63,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_positive, help="warm-up calls before timing (CPU)")
     p.add_argument("--repeats", type=_positive, help="timed calls, the median is reported (CPU)")
     p.add_argument("--quick", action="store_true", help="small CPU-sized shapes, under a minute")
+    p.add_argument("--compile", action="store_true",
+                   help="train/serve modes: also run every provider's model under torch.compile (+compile rows)")
     p.add_argument("--out", type=Path, help="write results.json, results.md and PNG plots here")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     serve_http.add_arguments(p)
@@ -109,7 +111,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         skipped += s
     for mode in ("train", "serve"):
         if args.mode in (mode, "all"):
-            r, s = model.run(mode, args.model, sizes, dtype, device, args.providers, progress, quick=args.quick)
+            r, s = model.run(mode, args.model, sizes, dtype, device, args.providers, progress, quick=args.quick,
+                             compiled=args.compile)
             rows += r
             skipped += s
     if args.mode in ("serve", "all"):  # 16-task mixed batches, the PEFT adapter loop, PrefixServer on one batch

@@ -3,6 +3,8 @@ with :func:`ptv2_kernels.patch_model` (``fused-*`` providers) or wrapped by PEFT
 (``peft``: the concatenation through a ``DynamicCache`` that users run today, sdpa attention).
 
 ``train-step``: forward, backward and an AdamW step on the trainable parameters (prefix and head).
+With ``--compile`` every provider also runs its model through ``torch.compile`` (inductor; the compile is
+paid in the untimed first call), as ``<provider>+compile`` rows next to the eager ones.
 ``serve``: one inference forward; throughput is ``1000·B/ms`` sequences/s. Dropout is off in the
 configs so every provider computes the same function: the fused models get PEFT's prefix values and
 their loss (train) or logits (serve) are checked against PEFT's.
@@ -191,8 +193,12 @@ def make_call(model, mode: str, batch):
     return step
 
 
-def run(mode, model_name, sizes, dtype, device, providers, progress, quick):
-    """Rows and skipped entries of ``mode`` ("train" or "serve") at the headline (N, P) of ``sizes``."""
+COMPILED = "+compile"  # suffix of the providers' compiled rows
+
+
+def run(mode, model_name, sizes, dtype, device, providers, progress, quick, compiled=False):
+    """Rows and skipped entries of ``mode`` ("train" or "serve") at the headline (N, P) of ``sizes``; with
+    ``compiled`` each provider runs eager and under ``torch.compile``."""
     from .report import make_row
 
     bench = "train-step" if mode == "train" else "serve"
@@ -201,23 +207,26 @@ def run(mode, model_name, sizes, dtype, device, providers, progress, quick):
     reasons = {p: skip_reason(p, model_name, device) for p in selected}
     skipped = [{"bench": bench, "provider": p, "reason": reason} for p, reason in reasons.items() if reason]
     runnable = sorted((p for p in selected if not reasons[p]), key=lambda p: p != reference_name)
-    progress.extend(len(runnable))
+    variants = [(p, c) for p in runnable for c in ((False, True) if compiled else (False,))]
+    progress.extend(len(variants))
     seq, prefix_len = sizes.seq_lens[0], sizes.prefix_lens[0]
     heads, dim = heads_and_dim(model_name)
     rows, reference = [], None
-    for provider in runnable:
-        progress.step(f"{bench} {provider} N={seq} P={prefix_len}")
+    for provider, compile_it in variants:
+        name = provider + COMPILED * compile_it
+        progress.step(f"{bench} {name} N={seq} P={prefix_len}")
         model = prepare(provider, model_name, prefix_len, quick, device, dtype)
-        call = make_call(model, mode, make_batch(model.config, sizes.batch, seq, device, labels=mode == "train"))
+        batch = make_batch(model.config, sizes.batch, seq, device, labels=mode == "train")
+        call = make_call(torch.compile(model) if compile_it else model, mode, batch)
         if provider == CONCAT:
             call = _concatenating(call)
         first = call().float()  # before any optimizer step: comparable across providers
         ms = measure.time_ms(call, device, sizes.warmup, sizes.repeats)
         _, peak = measure.peak_mb(call, device)
-        if provider == reference_name:
+        if name == reference_name:
             reference = first
         err = None if reference is None else float((first - reference).abs().max()) / max(float(reference.abs().max()), 1e-6)
-        rows.append(make_row(bench, provider, model_name, sizes.batch, heads, seq, prefix_len, dim, dtype,
+        rows.append(make_row(bench, name, model_name, sizes.batch, heads, seq, prefix_len, dim, dtype,
                              ms=ms, peak_mb=peak, max_err=err))
         del model, call
     return rows, skipped

@@ -1,7 +1,7 @@
 """What every backend receives: a validated, normalised call (see ``prefix_attention.py``)."""
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -9,11 +9,12 @@ import torch
 @dataclass(frozen=True)
 class Dropout:
     """Dropout of one call: ``p`` on attention probabilities (prefix columns included), ``prefix_p`` on
-    the prefix K/V elements with an independent mask per batch row, both drawn from ``seed``."""
+    the prefix K/V elements with an independent mask per batch row, both drawn from ``seed`` (an int, or the
+    0-dim int64 tensor of ``ptv2::dropout_seed`` that the registered op receives)."""
 
     p: float = 0.0
     prefix_p: float = 0.0
-    seed: int = 0
+    seed: Union[int, torch.Tensor] = 0
 
     @property
     def active(self) -> bool:

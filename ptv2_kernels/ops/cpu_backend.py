@@ -18,8 +18,8 @@ this module builds nothing and never fails; without a compiler or ninja (or with
 ``PTV2_DISABLE_CPU_KERNEL=1``) :func:`use_cpu_kernel` says no, warning once, and ``backend="torch"`` runs the
 pure-PyTorch composition (``backend="torch-ref"``) instead.
 
-``cpu_forward`` / ``cpu_backward`` are plain functions of tensors; :class:`CpuPrefixAttention` is the
-autograd Function around them.
+``cpu_forward`` / ``cpu_backward`` are plain functions of tensors; the registered op (``library.py``) calls
+them.
 """
 
 import functools
@@ -146,13 +146,15 @@ def _warn_fallback(reason: str) -> None:
 def use_cpu_kernel(requested: str, device: torch.device) -> bool:
     """Whether a call that asked for ``requested`` (``auto``/``torch``/``torch-ref``) on ``device`` runs the
     fused CPU kernel: CPU tensors, not ``torch-ref``, and the extension is built (else a warning, once)."""
-    if requested == "torch-ref" or device.type != "cpu":
-        return False
+    return requested != "torch-ref" and device.type == "cpu" and _kernel_available()
+
+
+@torch.compiler.assume_constant_result  # traced code takes the answer as a constant instead of tracing the build
+def _kernel_available() -> bool:
     module, reason = _load()
     if module is None:
         _warn_fallback(reason)
-        return False
-    return True
+    return module is not None
 
 
 def _extension():
@@ -236,34 +238,6 @@ def cpu_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relat
     return dq, dk, dv, dpk, dpv, dbias if bias_grad else None, dpos_key, dpos_query
 
 
-class CpuPrefixAttention(torch.autograd.Function):
-    """Inputs: q, k, v ``[B, H, N, D]`` or packed ``[total, H, D]`` (unit last stride); prefix_k, prefix_v
-    ``[T, H, P, D]``; bool mask ``[B, N]`` (contiguous) or None; task_ids ``[B]`` int64 or None; attention
-    bias ``[B, H, N, N]`` in q's dtype (any strides) or None; DeBERTa's pos_key, pos_query (``[H, R, D]`` or None)
-    and index (int32 ``[2, 2N - 1]``, None without them); cu_seqlens int64 ``[B + 1]`` or None; :class:`Options`."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index, cu_seqlens,
-                options: Options):
-        relative = None if rel_index is None else (pos_key, pos_query, rel_index)
-        out, lse = cpu_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, options)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index,
-                              cu_seqlens, out, lse)
-        ctx.options = options
-        return out
-
-    @staticmethod
-    def backward(ctx, d_out):
-        q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index, cu_seqlens, out, lse = (
-            ctx.saved_tensors)
-        relative = None if rel_index is None else (pos_key, pos_query, rel_index)
-        dq, dk, dv, dpk, dpv, dbias, dpos_key, dpos_query = cpu_backward(
-            d_out.to(q.dtype), q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, out, lse,
-            ctx.options, ctx.needs_input_grad[7], ctx.needs_input_grad[8:10])
-        return (dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), None, None, dbias, dpos_key, dpos_query,
-                None, None, None)
-
-
 def cpu_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options,
                          disentangled=None) -> torch.Tensor:
     """Validated entry point of the fused CPU kernel (see :func:`ptv2_kernels.prefix_attention`);
@@ -271,12 +245,15 @@ def cpu_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, opti
     in-kernel from distance tables, no ``[B, H, N, N]`` tensor) or None."""
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
+    from .library import attend
+
     rel = (None, None, None) if disentangled is None else disentangled.tensors
-    return CpuPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, *rel, None, options)
+    return attend("cpu", q, k, v, prefix_k, prefix_v, mask, task_ids, bias, *rel, None, options)
 
 
 def cpu_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options: Options) -> torch.Tensor:
     """Validated entry point for packed rows (see :func:`ptv2_kernels.prefix_attention_varlen`): read in place,
     no padding."""
-    return CpuPrefixAttention.apply(q, k, v, prefix_k, prefix_v, None, task_ids, None, None, None, None, cu_seqlens,
-                                    options)
+    from .library import attend
+
+    return attend("cpu", q, k, v, prefix_k, prefix_v, None, task_ids, None, None, None, None, cu_seqlens, options)

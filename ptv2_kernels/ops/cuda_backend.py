@@ -1,7 +1,7 @@
 """Host side of the CUDA backend: builds the hand-written kernels of ``csrc/prefix_attention`` (ahead of
 time through ``setup.py`` with ``PTV2_BUILD_CUDA=1``, else with ninja on first use, cached by torch under
-``TORCH_EXTENSIONS_DIR``) and wraps them in an autograd Function with the semantics of
-:func:`ptv2_kernels.ops.triton_backend.triton_prefix_attention`. Importing this module never builds
+``TORCH_EXTENSIONS_DIR``) and runs them (:func:`cuda_forward`, :func:`cuda_backward`, called by the registered
+op of ``library.py``) with the semantics of the Triton backend. Importing this module never builds
 anything and never fails on a machine without CUDA; :func:`cuda_status` says whether the backend can run."""
 
 import functools
@@ -102,37 +102,29 @@ def _mask_u8(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if mask is None else mask.contiguous().view(torch.uint8)
 
 
-class CudaPrefixAttention(torch.autograd.Function):
-    """Inputs: q, k, v ``[B, H, N, D]`` (unit last stride); prefix_k, prefix_v contiguous
-    ``[T, H, P, D]``; bool mask ``[B, N]`` or None; task_ids ``[B]`` int64 or None; :class:`Options`.
-    Output ``[B, H, N, D]`` stored as ``[B, N, H, D]``; prefix gradients reduced over the batch in
-    float32 (atomics, or a fixed order with ``options.deterministic``), returned in the prefix dtype."""
+def cuda_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, options: Options):
+    """``(out, lse)``: out ``[B, H, N, D]`` stored as ``[B, N, H, D]``, lse ``[B, H, N]`` float32. Inputs: q, k,
+    v ``[B, H, N, D]`` (unit last stride); prefix_k, prefix_v contiguous ``[T, H, P, D]``; bool mask ``[B, N]``
+    or None; task_ids ``[B]`` int64 or None."""
+    with torch.cuda.device(q.device):
+        return _extension().forward(q, k, v, prefix_k, prefix_v, _mask_u8(mask), task_ids, **_kernel_args(options))
 
-    @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, options: Options):
-        ext = _extension()
-        with torch.cuda.device(q.device):
-            out, lse = ext.forward(q, k, v, prefix_k, prefix_v, _mask_u8(mask), task_ids, **_kernel_args(options))
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse)
-        ctx.options = options
-        return out
 
-    @staticmethod
-    def backward(ctx, d_out):
-        q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse = ctx.saved_tensors
-        if d_out.stride(-1) != 1:
-            d_out = d_out.contiguous()
-        options = ctx.options
-        with torch.cuda.device(q.device):
-            dq, dk, dv, dpk, dpv = _extension().backward(
-                d_out, q, k, v, prefix_k, prefix_v, _mask_u8(mask), task_ids, out, lse,
-                deterministic=options.deterministic, **_kernel_args(options))
-        return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), None, None, None
+def cuda_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse, options: Options):
+    """``(dq, dk, dv, dprefix_k, dprefix_v)``: the prefix gradients reduced over the batch in float32 (atomics,
+    or a fixed order with ``options.deterministic``)."""
+    if d_out.stride(-1) != 1:
+        d_out = d_out.contiguous()
+    with torch.cuda.device(q.device):
+        return _extension().backward(d_out, q, k, v, prefix_k, prefix_v, _mask_u8(mask), task_ids, out, lse,
+                                     deterministic=options.deterministic, **_kernel_args(options))
 
 
 def cuda_prefix_attention(q, k, v, prefix_k, prefix_v, mask: Optional[torch.Tensor],
                           task_ids: Optional[torch.Tensor], options: Options) -> torch.Tensor:
-    """Validated entry point of the CUDA backend (see :func:`ptv2_kernels.prefix_attention`); raises a
-    RuntimeError saying why when the backend cannot run here (:func:`cuda_status`)."""
+    """Validated entry point of the CUDA backend (see :func:`ptv2_kernels.prefix_attention`), the registered
+    op; raises a RuntimeError saying why when the backend cannot run here (:func:`cuda_status`)."""
+    from .library import attend
+
     _extension()
-    return CudaPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, options)
+    return attend("cuda", q, k, v, prefix_k, prefix_v, mask, task_ids, None, None, None, None, None, options)

@@ -60,8 +60,11 @@ class DisentangledBias:
         rel_of_distance = torch.cat([rel[0].flip(0)[:-1], rel[:, 0]]).long()
         distance = torch.arange(seq, device=rel.device)
         toeplitz = rel_of_distance[distance[:, None] - distance[None, :] + seq - 1]
-        if not torch.equal(toeplitz, rel.long()):
-            raise ValueError("relative_pos must depend on i - j only (transformers' build_relative_position)")
+        message = "relative_pos must depend on i - j only (transformers' build_relative_position)"
+        if torch.compiler.is_compiling():  # a traced graph cannot read the answer back: asserted where it runs
+            torch._assert_async((toeplitz == rel.long()).all(), message)
+        elif not torch.equal(toeplitz, rel.long()):
+            raise ValueError(message)
         c2p = (rel_of_distance + span).clamp(0, 2 * span - 1)
         p2c = (span - rel_of_distance.flip(0)).clamp(0, 2 * span - 1)  # -rel[j, i]: distance j - i = -(i - j)
         return DisentangledBias(pos_key, pos_query, torch.stack([c2p, p2c]).to(torch.int32), 2 * span)

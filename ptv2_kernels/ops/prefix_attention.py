@@ -51,18 +51,21 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _seed(dropout_p: float, prefix_dropout_p: float) -> int:
-    """A fresh 63-bit seed from torch's default CPU generator (so ``torch.manual_seed`` governs it)."""
+def _seed(q: torch.Tensor, dropout_p: float, prefix_dropout_p: float):
+    """A fresh 63-bit seed (0-dim int64 tensor) from torch's default CPU generator, drawn by the registered
+    ``ptv2::dropout_seed`` (so ``torch.manual_seed`` governs it, eager or compiled); 0 without dropout."""
     if dropout_p == 0.0 and prefix_dropout_p == 0.0:
         return 0
-    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    from .library import dropout_seed
+
+    return dropout_seed(q)
 
 
-def _options(scale, dropout_p, prefix_dropout_p, deterministic, max_seqlen=0) -> Options:
+def _options(q, scale, dropout_p, prefix_dropout_p, deterministic, max_seqlen=0) -> Options:
     """The call's :class:`Options` from checked scalars (a seed is drawn only with dropout)."""
     return Options(
         scale=scale,
-        dropout=Dropout(dropout_p, prefix_dropout_p, _seed(dropout_p, prefix_dropout_p)),
+        dropout=Dropout(dropout_p, prefix_dropout_p, _seed(q, dropout_p, prefix_dropout_p)),
         deterministic=check_flag("deterministic", deterministic) or torch.are_deterministic_algorithms_enabled(),
         max_seqlen=max_seqlen,
     )
@@ -145,7 +148,7 @@ def prefix_attention(
                              dropout_p=dropout_p, prefix_dropout_p=prefix_dropout_p, support=backend_support(backend))
     prefix_k, prefix_v, mask, task_ids = call.prefix_k, call.prefix_v, call.mask, call.task_ids
     bias, disentangled = call.bias, call.disentangled
-    options = _options(call.scale, call.dropout_p, call.prefix_dropout_p, deterministic)
+    options = _options(q, call.scale, call.dropout_p, call.prefix_dropout_p, deterministic)
     if backend == "cuda":
         if bias is not None or disentangled is not None:
             raise ValueError("attn_bias and disentangled_bias are not supported by backend='cuda' yet; use "
@@ -228,7 +231,7 @@ def prefix_attention_varlen(
     # checked as for padded rows of max_seqlen tokens (a zero-stride stand-in of q: shape, dtype, device)
     padded_q = q.new_empty(()).expand(1, q.shape[1], max_seqlen, q.shape[2])
     disentangled = check_disentangled(padded_q, disentangled_bias)
-    options = _options(check_scale(scale, q.shape[-1]), check_probability("dropout_p", dropout_p),
+    options = _options(q, check_scale(scale, q.shape[-1]), check_probability("dropout_p", dropout_p),
                        check_probability("prefix_dropout_p", prefix_dropout_p), deterministic, max_seqlen)
     prefix_k, prefix_v = prefix_bank(prefix_k, prefix_v)
     if backend == "torch":

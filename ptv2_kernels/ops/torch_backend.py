@@ -141,7 +141,8 @@ def _explicit_backward(d_out, q, k, v, out, prefix: _Prefix, mask, bias, attn_ke
 _FLASH_CPU = "_scaled_dot_product_flash_attention_for_cpu"
 
 
-def _flash_cpu_available(q: torch.Tensor, options: Options) -> bool:
+def flash_merge_available(q: torch.Tensor, options: Options) -> bool:
+    """Whether :func:`torch_forward` takes the merged CPU-flash path (and returns an lse)."""
     return (q.device.type == "cpu" and options.dropout.p == 0.0
             and hasattr(torch.ops.aten, _FLASH_CPU + "_backward"))
 
@@ -174,10 +175,12 @@ def _merged_forward(q, k, v, prefix: _Prefix, mask, bias, options: Options):
         out, lse = getattr(torch.ops.aten, _FLASH_CPU)(q, keys, values, attn_mask=additive_mask, scale=options.scale)
         outs.append(out)
         lses.append(lse.to(compute))
+    # Out of place: an in-place fill of a tensor that then feeds torch.stack once made inductor's memory
+    # planner hand one buffer to two live values when this path was traced (issue 14).
     if mask is not None:  # the CPU kernel reports lse 0 for a row with no visible key
-        lses[0].masked_fill_(~mask.any(-1)[:, None, None], float("-inf"))
-    lse = torch.stack(lses).logsumexp(0)
-    lse.masked_fill_(lse == float("-inf"), float("inf"))
+        lses[0] = lses[0].masked_fill(~mask.any(-1)[:, None, None], float("-inf"))
+    lse = torch.logaddexp(lses[0], lses[1]) if len(lses) == 2 else lses[0]
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     merged = torch.zeros(q.shape, dtype=compute, device=q.device)
     for out, block_lse in zip(outs, lses):
         merged.addcmul_(out, torch.exp(block_lse - lse)[..., None])
@@ -199,49 +202,47 @@ def _merged_backward(d_out, q, k, v, out, lse, prefix: _Prefix, mask, bias, opti
     return dq.to(dq_prefix.dtype) + dq_prefix, dk, dv, dpk, dpv, None
 
 
-class TorchPrefixAttention(torch.autograd.Function):
-    """Inputs: q, k, v ``[B, H, N, D]``; prefix_k, prefix_v ``[T, H, P, D]``; bool mask ``[B, N]`` or
-    None; task_ids ``[B]`` or None; attention bias ``[B, H, N, N]`` or None; :class:`Options`."""
+def torch_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options):
+    """``(out, lse)``: out ``[B, H, N, D]`` in q's dtype; lse ``[B, H, N]`` of the merged CPU-flash path (what
+    its backward reuses) or None. Inputs: q, k, v ``[B, H, N, D]``; prefix ``[T, H, P, D]``; bool mask ``[B, N]``
+    or None; task_ids ``[B]`` or None; attention bias ``[B, H, N, N]`` or None."""
+    attn_keep, keep_k, keep_v = _dropout_masks(q, prefix_k.shape[2], options.dropout)
+    prefix = _prefix(prefix_k, prefix_v, task_ids, q.shape[0], keep_k, keep_v, options.dropout.prefix_p)
+    if flash_merge_available(q, options):
+        out, lse = _merged_forward(q, k, v, prefix, mask, bias, options)
+    else:
+        qc, kc, vc, pk, pv = _upcast(q, k, v, prefix.k, prefix.v)
+        out = _explicit_forward(qc, kc, vc, prefix._replace(k=pk, v=pv), mask, bias, attn_keep, options)
+        lse = None
+    return out.to(q.dtype), lse
 
-    @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options):
-        ctx.options = options
-        attn_keep, keep_k, keep_v = _dropout_masks(q, prefix_k.shape[2], options.dropout)
-        prefix = _prefix(prefix_k, prefix_v, task_ids, q.shape[0], keep_k, keep_v, options.dropout.prefix_p)
-        if _flash_cpu_available(q, options):
-            out, lse = _merged_forward(q, k, v, prefix, mask, bias, options)
-        else:
-            qc, kc, vc, pk, pv = _upcast(q, k, v, prefix.k, prefix.v)
-            out = _explicit_forward(qc, kc, vc, prefix._replace(k=pk, v=pv), mask, bias, attn_keep, options)
-            lse = None
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out, lse)
-        return out
 
-    @staticmethod
-    def backward(ctx, d_out):
-        q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out, lse = ctx.saved_tensors
-        options = ctx.options
-        attn_keep, keep_k, keep_v = _dropout_masks(q, prefix_k.shape[2], options.dropout)
-        prefix = _prefix(prefix_k, prefix_v, task_ids, q.shape[0], keep_k, keep_v, options.dropout.prefix_p)
-        if lse is not None and not ctx.needs_input_grad[7]:
-            grads = _merged_backward(d_out.to(q.dtype).contiguous(), q, k, v, out, lse, prefix, mask, bias, options)
-        else:
-            qc, kc, vc, pk, pv, d_out, out = _upcast(q, k, v, prefix.k, prefix.v, d_out, out)
-            grads = _explicit_backward(d_out, qc, kc, vc, out, prefix._replace(k=pk, v=pv), mask, bias, attn_keep,
-                                       options)
-        dq, dk, dv, dpk, dpv, dbias = grads
-        num_tasks, prefix_p = prefix_k.shape[0], options.dropout.prefix_p
-        dpk = reduce_prefix_grad(_drop(dpk, keep_k, prefix_p), task_ids, num_tasks)
-        dpv = reduce_prefix_grad(_drop(dpv, keep_v, prefix_p), task_ids, num_tasks)
-        dbias = dbias.to(bias.dtype) if ctx.needs_input_grad[7] else None
-        return (*(g.to(q.dtype) for g in (dq, dk, dv)), dpk.to(prefix_k.dtype), dpv.to(prefix_k.dtype),
-                None, None, dbias, None)
+def torch_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out, lse, options: Options,
+                   bias_grad: bool):
+    """``(dq, dk, dv, dprefix_k, dprefix_v, dbias)`` for :func:`torch_forward`'s call: dq/dk/dv in q's dtype,
+    the prefix gradients ``[T, H, P, D]`` summed per task in the prefix dtype, dbias (bias dtype) if
+    ``bias_grad`` else None. The probabilities and dropout masks are recomputed."""
+    attn_keep, keep_k, keep_v = _dropout_masks(q, prefix_k.shape[2], options.dropout)
+    prefix = _prefix(prefix_k, prefix_v, task_ids, q.shape[0], keep_k, keep_v, options.dropout.prefix_p)
+    if lse is not None and not bias_grad:
+        grads = _merged_backward(d_out.to(q.dtype).contiguous(), q, k, v, out, lse, prefix, mask, bias, options)
+    else:
+        qc, kc, vc, pk, pv, d_out, out = _upcast(q, k, v, prefix.k, prefix.v, d_out, out)
+        grads = _explicit_backward(d_out, qc, kc, vc, out, prefix._replace(k=pk, v=pv), mask, bias, attn_keep,
+                                   options)
+    dq, dk, dv, dpk, dpv, dbias = grads
+    num_tasks, prefix_p = prefix_k.shape[0], options.dropout.prefix_p
+    dpk = reduce_prefix_grad(_drop(dpk, keep_k, prefix_p), task_ids, num_tasks)
+    dpv = reduce_prefix_grad(_drop(dpv, keep_v, prefix_p), task_ids, num_tasks)
+    dbias = dbias.to(bias.dtype) if bias_grad else None
+    return (*(g.to(q.dtype) for g in (dq, dk, dv)), dpk.to(prefix_k.dtype), dpv.to(prefix_k.dtype), dbias)
 
 
 def torch_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options) -> torch.Tensor:
-    """Validated entry point of the torch backend (see :func:`ptv2_kernels.prefix_attention`)."""
-    return TorchPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
+    """Validated entry point of ``torch-ref`` (see :func:`ptv2_kernels.prefix_attention`): the registered op."""
+    from .library import attend
+
+    return attend("torch-ref", q, k, v, prefix_k, prefix_v, mask, task_ids, bias, None, None, None, None, options)
 
 
 def torch_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options: Options,

@@ -1,5 +1,6 @@
-"""Host side of the Triton backend: launches the kernels of ``kernels/prefix_attention_triton.py`` and
-wraps them in an autograd Function. Inputs arrive validated (``prefix_attention.py``).
+"""Host side of the Triton backend: launches the kernels of ``kernels/prefix_attention_triton.py``
+(:func:`triton_forward`, :func:`triton_backward`, which the registered op of ``library.py`` calls). Inputs
+arrive validated (``prefix_attention.py``).
 
 q, k, v are either padded ``[B, H, N, D]`` or, with ``cu_seqlens``, packed ``[total_tokens, H, D]``
 (then ``options.max_seqlen`` is N, the longest row). DeBERTa's relative terms arrive as ``rel``:
@@ -34,6 +35,7 @@ AUTOTUNE_KEY = ["D", "N", "P", "HAS_MASK", "HAS_TASKS", "HAS_BIAS", "HAS_C2P", "
                 "PREFIX_DROPOUT"]
 
 
+@torch.compiler.assume_constant_result  # a constant for traced code
 def interpreting() -> bool:
     """Whether the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -264,8 +266,13 @@ def _prefix_keep_bits(common: dict, dropout: Dropout, device) -> torch.Tensor:
     return keep
 
 
-def _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, rel, cu_seqlens, options: Options):
-    """(out, lse, row lengths or None)."""
+def triton_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, rel, cu_seqlens, options: Options):
+    """``(out, lse)``: out like q (padded ``[B, H, N, D]`` stored as ``[B, N, H, D]``, or packed ``[total, H,
+    D]``), lse ``[B, H, N]`` float32 (+inf on padded query rows). Inputs: q, k, v ``[B, H, N, D]`` or packed
+    ``[total, H, D]`` (unit last stride); prefix_k, prefix_v contiguous ``[T, H, P, D]``; bool mask ``[B, N]``
+    (contiguous) or None; task_ids ``[B]`` or None; attention bias ``[B, H, N, N]`` (any strides) or None;
+    ``rel`` = DeBERTa's (pos_key, pos_query, index) (contiguous ``[H, R, D]`` or None, int32 ``[2, 2N - 1]``)
+    or None; cu_seqlens ``[B + 1]`` (packed rows) or None."""
     batch, heads, seq, _ = _sizes(q, cu_seqlens, options)
     seqlens = row_lengths(mask) if mask is not None else None
     out = _empty_like_qkv(q)
@@ -275,7 +282,7 @@ def _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, rel, cu_seqlens,
             Q=q, K=k, V=v, PK=prefix_k, PV=prefix_v, PrefixKeep=_prefix_keep_bits(common, options.dropout, q.device),
             Out=out, Lse=lse, **_strides(q=q, k=k, v=v, o=out), scale_log2=options.scale * LOG2_E, **common,
             **_dropout_args(options.dropout, prefix_k.shape[2]))
-    return out, lse, seqlens
+    return out, lse
 
 
 def _distance_grad(rel_emb: Optional[torch.Tensor], heads: int, seq: int, dim: int) -> Optional[torch.Tensor]:
@@ -382,10 +389,13 @@ def _prefix_grad(q, prefix_k, prefix_v, d_out, lse, delta, keep, task_ids, commo
     return dprefix
 
 
-def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, seqlens, task_ids, bias, rel, cu_seqlens, out, lse,
-              options: Options, bias_grad: bool, emb_grads=(False, False)):
-    """(dq, dk, dv, float32 dprefix_k, float32 dprefix_v, dbias or None, dpos_key or None, dpos_query or None);
-    ``emb_grads``: whether pos_key / pos_query need their gradients."""
+def triton_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, rel, cu_seqlens, out, lse,
+                    options: Options, bias_grad: bool, emb_grads=(False, False)):
+    """(dq, dk, dv, float32 dprefix_k, float32 dprefix_v, dbias or None, dpos_key or None, dpos_query or None)
+    of :func:`triton_forward`'s call; ``emb_grads``: whether pos_key / pos_query need their gradients."""
+    if d_out.stride(-1) != 1:
+        d_out = d_out.contiguous()
+    seqlens = row_lengths(mask) if mask is not None else None
     batch, heads, seq, dim = _sizes(q, cu_seqlens, options)
     num_tasks, _, num_prefix, _ = prefix_k.shape
     common = _common_args(q, prefix_k, mask, seqlens, task_ids, bias, rel, cu_seqlens, options)
@@ -418,42 +428,14 @@ def _backward(d_out, q, k, v, prefix_k, prefix_v, mask, seqlens, task_ids, bias,
             _fold_distances(dist_query, pos_query, index[1], options.scale))
 
 
-class TritonPrefixAttention(torch.autograd.Function):
-    """Inputs: q, k, v ``[B, H, N, D]`` or packed ``[total, H, D]`` (unit last stride); prefix_k,
-    prefix_v contiguous ``[T, H, P, D]``; bool mask ``[B, N]`` (contiguous) or None; task_ids ``[B]``
-    or None; attention bias ``[B, H, N, N]`` (any strides) or None; the relative terms' pos_key,
-    pos_query (contiguous ``[H, R, D]`` or None) and index (int32 ``[2, 2N - 1]``, None without them);
-    cu_seqlens ``[B + 1]`` (packed rows) or None; :class:`Options`."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index, cu_seqlens,
-                options: Options):
-        rel = None if rel_index is None else (pos_key, pos_query, rel_index)
-        out, lse, seqlens = _forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, rel, cu_seqlens, options)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, seqlens, task_ids, bias, pos_key, pos_query,
-                              rel_index, cu_seqlens, out, lse)
-        ctx.options = options
-        return out
-
-    @staticmethod
-    def backward(ctx, d_out):
-        (q, k, v, prefix_k, prefix_v, mask, seqlens, task_ids, bias, pos_key, pos_query, rel_index, cu_seqlens, out,
-         lse) = ctx.saved_tensors
-        if d_out.stride(-1) != 1:
-            d_out = d_out.contiguous()
-        rel = None if rel_index is None else (pos_key, pos_query, rel_index)
-        dq, dk, dv, dpk, dpv, dbias, dpos_key, dpos_query = _backward(
-            d_out, q, k, v, prefix_k, prefix_v, mask, seqlens, task_ids, bias, rel, cu_seqlens, out, lse, ctx.options,
-            bias_grad=ctx.needs_input_grad[7], emb_grads=ctx.needs_input_grad[8:10])
-        return (dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), None, None, dbias, dpos_key, dpos_query,
-                None, None, None)
-
-
 def triton_prefix_attention(q, k, v, prefix_k, prefix_v, mask: Optional[torch.Tensor],
                             task_ids: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                             options: Options, cu_seqlens: Optional[torch.Tensor] = None,
                             disentangled=None) -> torch.Tensor:
     """Validated entry point of the Triton backend (see :func:`ptv2_kernels.prefix_attention` and
-    :func:`ptv2_kernels.prefix_attention_varlen`); ``disentangled`` a checked DisentangledBias or None."""
+    :func:`ptv2_kernels.prefix_attention_varlen`): the registered op; ``disentangled`` a checked
+    DisentangledBias or None."""
+    from .library import attend
+
     rel = (None, None, None) if disentangled is None else disentangled.tensors
-    return TritonPrefixAttention.apply(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, *rel, cu_seqlens, options)
+    return attend("triton", q, k, v, prefix_k, prefix_v, mask, task_ids, bias, *rel, cu_seqlens, options)

@@ -14,7 +14,7 @@ is computed on the device and asserted there with ``torch._assert_async`` (a fai
 device-side assertion, a ``RuntimeError``, at the next synchronisation). Callers that want a
 ``ValueError`` on CUDA check once per forward on the host, e.g. with :func:`check_task_id_values`.
 Every check takes ``sync_free`` (default: ``True`` off the CPU) so the device path is testable on CPU
-tensors.
+tensors. Under ``torch.compile`` every value check is sync-free (a traced graph cannot read values).
 """
 
 import math
@@ -49,8 +49,11 @@ def _same_device(name: str, t: torch.Tensor, q: torch.Tensor) -> None:
 
 
 def is_sync_free(t: torch.Tensor, sync_free: Optional[bool]) -> bool:
-    """Whether value checks on ``t`` must avoid reading it back: ``sync_free`` if given, else True for
-    every device but the CPU (where a read costs nothing)."""
+    """Whether value checks on ``t`` must avoid reading it back: always under ``torch.compile`` (a traced graph
+    cannot read a value without breaking), else ``sync_free`` if given, else True for every device but the
+    CPU (where a read costs nothing)."""
+    if torch.compiler.is_compiling():
+        return True
     return t.device.type != "cpu" if sync_free is None else sync_free
 
 
@@ -206,10 +209,10 @@ def check_probability(name: str, p) -> float:
 def check_scale(scale, head_dim: int) -> float:
     """The score scale: finite and positive, default ``1/sqrt(head_dim)``."""
     if scale is None:
-        return 1.0 / math.sqrt(head_dim)
+        return 1.0 / math.sqrt(int(head_dim))
     if not _is_number(scale):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if not (math.isfinite(scale) and scale > 0):
+    if not 0.0 < scale < math.inf:  # also False for NaN; comparisons trace, math.isfinite does not
         raise ValueError(f"scale must be a finite positive number, got {scale}")
     return float(scale)
 
@@ -244,7 +247,9 @@ def check_cu_seqlens(q, cu_seqlens, max_seqlen, sync_free: Optional[bool] = None
     total = q.shape[0]
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     rising = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (lengths >= 0).all()
-    expected = f"cu_seqlens must rise from 0 to total_tokens = {total} without decreasing"
+    # traced code: formatting a symbolic size would specialise the graph to it
+    total_shown = "" if torch.compiler.is_compiling() else f" = {total}"
+    expected = f"cu_seqlens must rise from 0 to total_tokens{total_shown} without decreasing"
     if max_seqlen is not None and is_sync_free(cu_seqlens, sync_free):
         require(rising & (lengths <= max_seqlen).all(),
                 f"{expected}, and max_seqlen={max_seqlen} must be >= the longest row", True)
@@ -269,13 +274,15 @@ def check_disentangled(q, bias, sync_free: Optional[bool] = None) -> Optional[Di
         raise TypeError(f"disentangled_bias must be a DisentangledBias or None, got {type(bias).__name__}")
     _, heads, seq, dim = q.shape
     index = bias.index
-    expected = f"disentangled_bias.index must be an int32 tensor [2, 2N - 1] = [2, {2 * seq - 1}]"
+    def expected():  # formatted only to raise (a symbolic N would be specialised by formatting)
+        return f"disentangled_bias.index must be an int32 tensor [2, 2N - 1] = [2, {2 * seq - 1}]"
+
     if not isinstance(index, torch.Tensor):
-        raise TypeError(f"{expected}, got {type(index).__name__}")
+        raise TypeError(f"{expected()}, got {type(index).__name__}")
     if index.dtype != torch.int32:
-        raise TypeError(f"{expected}, got dtype {index.dtype}")
+        raise TypeError(f"{expected()}, got dtype {index.dtype}")
     if index.shape != (2, 2 * seq - 1):
-        raise ValueError(f"{expected}, got shape {tuple(index.shape)}")
+        raise ValueError(f"{expected()}, got shape {tuple(index.shape)}")
     _same_device("disentangled_bias.index", index, q)
     if bias.pos_key is None and bias.pos_query is None:
         raise ValueError("disentangled_bias needs pos_key (c2p), pos_query (p2c) or both, got neither")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..ops.prefix_attention import prefix_attention
+from ..ops.validation import check_task_id_values
 from ..prefix_encoder import PrefixEncoder
 from . import compat
 
@@ -143,8 +144,11 @@ class PatchState:
 
 
 def bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
-    """``module.forward``'s arguments by name (edit ``.arguments``, then call with ``.args, .kwargs``)."""
-    return inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    """``module.forward``'s arguments by name (edit ``.arguments``, then call with ``.args, .kwargs``). Read
+    from the class's ``forward`` (less ``self``): a patched DeBERTa base model's instance ``forward`` is a
+    wrapper with the same signature, which dynamo's ``inspect.signature`` does not follow."""
+    signature = inspect.signature(type(module).forward)
+    return signature.replace(parameters=list(signature.parameters.values())[1:]).bind_partial(*args, **kwargs)
 
 
 def _examples(bound: inspect.BoundArguments) -> tuple:
@@ -202,10 +206,9 @@ def _check_task_ids(task_ids: Optional[torch.Tensor], num_tasks: int, batch: int
         raise TypeError(f"task_ids must be an integer tensor, got dtype {task_ids.dtype}")
     if tuple(task_ids.shape) != (batch,):
         raise ValueError(f"task_ids must be [B] = [{batch}], got shape {list(task_ids.shape)}")
-    low, high = int(task_ids.min()), int(task_ids.max())
-    if low < 0 or high >= num_tasks:
-        raise ValueError(f"task_ids must lie in [0, {num_tasks}) (num_tasks={num_tasks}), got values in "
-                         f"[{low}, {high}]")
+    # once per forward on the host, even for CUDA tensors (the layers' own checks are sync-free); a device
+    # assertion under torch.compile
+    check_task_id_values(task_ids, num_tasks, sync_free=False)
     return task_ids.long()
 
 

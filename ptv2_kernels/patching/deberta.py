@@ -18,7 +18,10 @@
 DeBERTa's model forward, unlike BERT's, does not pass extra keyword arguments down to its layers. So the base
 model's instance ``forward`` takes this forward's :class:`PrefixCall`, and an encoder pre-hook hands it to every
 layer inside the one argument the encoder passes through unchanged, ``relative_pos`` (a
-:class:`_RelativePositions`, which gradient checkpointing also saves for its recomputation).
+:class:`_RelativePositions`, which gradient checkpointing also saves for its recomputation). Under
+``torch.compile`` (dynamo cannot trace a tensor subclass that carries a Python object) the layers read the call
+from the relay itself, which they reach as their ``RELAY_ATTR``; compiled gradient checkpointing recomputes
+inside the compiled backward, without Python.
 """
 
 import abc
@@ -38,6 +41,9 @@ _ATTENTION_ARGUMENTS = ("hidden_states", "attention_mask", "output_attentions", 
                         "rel_embeddings")  # DisentangledSelfAttention.forward, which the patch replaces
 
 
+RELAY_ATTR = "_ptv2_call_relay"  # on each DeBERTa self-attention module of a patched model: its _CallRelay
+
+
 class _RelativePositions(torch.Tensor):
     """transformers' relative positions ``[1, N, N]`` (empty without relative attention) carrying ``call``, the
     forward's :class:`PrefixCall`. Operations on it return plain tensors, so unpatched layers (prompt depth)
@@ -54,11 +60,12 @@ class _RelativePositions(torch.Tensor):
         carrier._tables = {}
         return carrier
 
-    def disentangled(self, span: int, pos_key, pos_query) -> DisentangledBias:
-        """The layer's :class:`DisentangledBias`; the index tables are built once per forward and span."""
-        if span not in self._tables:
-            self._tables[span] = DisentangledBias.from_relative_positions(self.as_subclass(torch.Tensor), span)
-        return self._tables[span].with_embeddings(pos_key, pos_query)
+
+def _tables_for(cache: dict, relative_pos: torch.Tensor, span: int) -> DisentangledBias:
+    """The forward's c2p/p2c index tables for ``span`` (built once per forward and span, kept in ``cache``)."""
+    if span not in cache:
+        cache[span] = DisentangledBias.from_relative_positions(relative_pos, span)
+    return cache[span]
 
 
 class _CallRelay:
@@ -68,6 +75,7 @@ class _CallRelay:
 
     def __init__(self, base_model: nn.Module):
         self.call: Optional[PrefixCall] = None
+        self.tables: dict = {}  # compiled forwards: the index tables per span (eager ones: in the carrier)
         self._base = base_model
         self._previous_forward = base_model.__dict__.get("forward")
         forward = functools.partial(_relayed_forward, self, base_model.forward)
@@ -76,6 +84,8 @@ class _CallRelay:
             base_model.embeddings.register_forward_pre_hook(self._shift_positions, with_kwargs=True),
             base_model.encoder.register_forward_pre_hook(self._carry_call, with_kwargs=True),
         ]
+        for layer in base_model.encoder.layer:
+            setattr(layer.attention.self, RELAY_ATTR, self)
 
     def _shift_positions(self, embeddings, args, kwargs):
         """Embeddings pre-hook: positions ``P … P+N-1`` (checked against ``max_position_embeddings`` before any
@@ -106,6 +116,8 @@ class _CallRelay:
         if arguments.get("relative_pos") is not None or arguments.get("query_states") is not None:
             raise ValueError("a patched DeBERTa encoder computes its own relative positions and queries; "
                              "relative_pos and query_states must be None")
+        if torch.compiler.is_compiling():  # the layers read the call from the relay
+            return None
         hidden_states = arguments["hidden_states"]
         positions = encoder.get_rel_pos(hidden_states)
         if positions is None:  # no relative attention: the carrier holds no positions
@@ -116,6 +128,8 @@ class _CallRelay:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+        for layer in self._base.encoder.layer:
+            delattr(layer.attention.self, RELAY_ATTR)
         if self._previous_forward is None:
             del self._base.forward
         else:
@@ -130,6 +144,7 @@ def _relayed_forward(relay: _CallRelay, forward, *args, **kwargs):
         return forward(*args, **kwargs)
     finally:
         relay.call = None
+        relay.tables = {}
 
 
 def _attention_forward(family: "_DebertaFamily", module: nn.Module, hidden_states, attention_mask,
@@ -140,10 +155,14 @@ def _attention_forward(family: "_DebertaFamily", module: nn.Module, hidden_state
     if query_states is not None:
         raise ValueError("query_states (DeBERTa's enhanced mask decoding, z_steps > 1) is not supported by a "
                          "patched DeBERTa model")
-    if not isinstance(relative_pos, _RelativePositions):
+    relay = getattr(module, RELAY_ATTR)
+    if isinstance(relative_pos, _RelativePositions):  # eager: the carrier
+        call, tables, relative_pos = relative_pos.call, relative_pos._tables, relative_pos.as_subclass(torch.Tensor)
+    elif torch.compiler.is_compiling() and relay.call is not None:  # compiled: the relay
+        call, tables = relay.call, relay.tables
+    else:
         raise RuntimeError("a patched DeBERTa self-attention module was called outside a forward of its patched "
                            "model (no prefix call in relative_pos); call the model, or unpatch_model it first")
-    call = relative_pos.call
     q, k, v = family.project(module, hidden_states)
     scale_factor = 1 + len(module.pos_att_type)
     disentangled = None
@@ -152,7 +171,7 @@ def _attention_forward(family: "_DebertaFamily", module: nn.Module, hidden_state
         embeddings = module.pos_dropout(rel_embeddings)[rows]
         pos_key, pos_query = (None if projection is None else _heads(projection(embeddings), module, q.dtype)
                               for projection in family.relative_projections(module))
-        disentangled = relative_pos.disentangled(span, pos_key, pos_query)
+        disentangled = _tables_for(tables, relative_pos, span).with_embeddings(pos_key, pos_query)
     out = call.attend(module, q, k, v, scale=1.0 / math.sqrt(q.shape[-1] * scale_factor),
                       dropout_p=module.dropout.p if module.training else 0.0, disentangled_bias=disentangled)
     return out.transpose(1, 2).flatten(2), None

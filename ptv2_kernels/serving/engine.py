@@ -183,6 +183,9 @@ class PrefixServer:
             :class:`ServerOverloaded`.
         packed: run sequences packed without padding (True, the default for every family) or padded (False).
         backend: the ``prefix_attention`` backend.
+        torch_compile: run the backbone through ``torch.compile`` (inductor, dynamic shapes: batches of any size
+            and length reuse one compilation; the first batch pays the compile). Same outputs as eager to
+            float rounding.
 
     Over-long inputs: text is truncated to :attr:`max_length` tokens (``Result.truncated``); ``input_ids``
     longer than that are refused for that request. ``max_length`` is ``max_position_embeddings − P``
@@ -192,7 +195,8 @@ class PrefixServer:
 
     def __init__(self, model: nn.Module, prefix_len: int, *, tokenizer=None, max_tasks: int = 16, layers=None,
                  max_batch_tokens: int = 8192, max_batch_size: int = 64, max_wait_ms: float = 5.0,
-                 max_queue: int = 1024, packed: Optional[bool] = None, backend: str = "auto"):
+                 max_queue: int = 1024, packed: Optional[bool] = None, backend: str = "auto",
+                 torch_compile: bool = False):
         if not isinstance(model, nn.Module) or not hasattr(model, "config"):
             raise TypeError(f"model must be a transformers model (an nn.Module with a config), got {_type_name(model)}")
         prefix_len = _check_int("prefix_len", prefix_len, 1)
@@ -203,6 +207,8 @@ class PrefixServer:
         self.max_wait_ms = _check_nonnegative("max_wait_ms", max_wait_ms, allow_none=False)
         if packed is not None and not isinstance(packed, bool):
             raise TypeError(f"packed must be True, False or None, got {_type_name(packed)} {packed!r}")
+        if not isinstance(torch_compile, bool):
+            raise TypeError(f"torch_compile must be a bool, got {_type_name(torch_compile)} {torch_compile!r}")
         if tokenizer is not None and not callable(tokenizer):
             raise TypeError(f"tokenizer must be a transformers tokenizer (callable) or None, got "
                             f"{_type_name(tokenizer)}")
@@ -216,6 +222,10 @@ class PrefixServer:
         self.encoder.to(self.dtype).requires_grad_(False)
         self.encoder.prefix.zero_()
         self.packed = model.config.model_type in PACKED_MODEL_TYPES if packed is None else packed
+        self._packed_forward, self._base_forward = packed_forward, model.base_model
+        if torch_compile:
+            self._packed_forward = torch.compile(packed_forward, dynamic=True)
+            self._base_forward = torch.compile(model.base_model, dynamic=True)
         embeddings = model.base_model.embeddings
         if embeddings.position_embeddings is None:  # DeBERTa with relative positions only
             self.max_length = model.config.max_position_embeddings
@@ -613,7 +623,7 @@ class PrefixServer:
         if self.packed:
             ids = torch.tensor([t for i in items for t in i.ids], device=self.device)
             packed_types = None if types is None else torch.tensor([t for r in types for t in r], device=self.device)
-            return packed_forward(self.model, ids, cu_seqlens, task_ids, packed_types), cu_seqlens
+            return self._packed_forward(self.model, ids, cu_seqlens, task_ids, packed_types), cu_seqlens
         width = int(lengths.max())
         mask = torch.arange(width)[None, :] < lengths[:, None]
         pad_id = self.model.config.pad_token_id or 0
@@ -624,7 +634,7 @@ class PrefixServer:
             inputs["token_type_ids"] = torch.zeros_like(ids)
             inputs["token_type_ids"][mask] = torch.tensor([t for row in types for t in row])
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        states = self.model.base_model(**inputs, task_ids=task_ids).last_hidden_state
+        states = self._base_forward(**inputs, task_ids=task_ids).last_hidden_state
         return states[mask.to(self.device)], cu_seqlens
 
 
