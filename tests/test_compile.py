@@ -37,7 +37,8 @@ def fresh_dynamo():
 
 
 def relative_error(got, want):
-    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
 # ----- the registered ops -------------------------------------------------------------------------------------
