@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=_positive(int), default=1024,
                    help="requests waiting for the batcher before 429 (default: 1024)")
     p.add_argument("--padded", action="store_true", help="pad batches instead of packing the sequences")
+    p.add_argument("--compile", action="store_true",
+                   help="run the backbone under torch.compile (dynamic shapes; the first batches pay the compile)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     http = p.add_argument_group("HTTP")
@@ -102,7 +104,7 @@ def build_server(args) -> PrefixServer:
     server = PrefixServer(model, args.prefix_len, tokenizer=tokenizer, max_tasks=args.max_tasks, layers=args.layers,
                           max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
                           max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                          packed=False if args.padded else None)
+                          packed=False if args.padded else None, torch_compile=args.compile)
     for directory in args.bank:
         load_bank(server, directory)
     for name, path in args.task:
