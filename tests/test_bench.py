@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from ptv2_kernels.bench import cli, kernel
+from ptv2_kernels.bench import cli, kernel, model
 
 HEADLINE = re.compile(r"^fused/concat: time (\d+\.\d\d|n/a)x, peak memory (\d+\.\d\d|n/a)x$")
 ROW_TYPES = {"bench": str, "provider": str, "model": str, "B": int, "H": int, "N": int, "P": int, "D": int,
@@ -65,6 +65,18 @@ def test_model_modes(mode, tmp_path, capsys):
     assert {r["provider"] for r in doc["rows"]} | skipped_fused >= {"fused-torch", "peft"}
 
 
+def test_compile_flag_adds_compiled_rows(tmp_path, capsys):
+    """``--compile``: each provider eager and ``+compile``, the compiled model agreeing with the reference."""
+    reference = model.reference_provider("bert-base")
+    code, lines, doc = run_cli([*SMALL, "--mode", "train", "--compile", "--providers", f"fused-torch,{reference}"],
+                               tmp_path, capsys)
+    assert code == 0
+    check_schema(doc)
+    assert [r["provider"] for r in doc["rows"]] == [reference, reference + "+compile", "fused-torch",
+                                                    "fused-torch+compile"]
+    assert all(r["max_err"] <= 1e-3 for r in doc["rows"])
+
+
 @pytest.mark.parametrize("provider", ["fused-torch", "concat-eager"])
 @pytest.mark.parametrize("bench", kernel.BENCHES)
 def test_providers_agree_on_benchmarked_inputs(provider, bench):
@@ -109,8 +121,6 @@ def test_module_entry_point_last_line():
 def test_model_mode_falls_back_to_concat_where_peft_refuses(tmp_path, capsys, monkeypatch):
     """Where PEFT refuses the installed transformers, the patched model with concatenating attention is the
     reference, and the output says so (the skipped ``peft`` entry)."""
-    from ptv2_kernels.bench import model
-
     monkeypatch.setattr(model, "peft_refusal", lambda name: "PEFT refuses this transformers (simulated)")
     code, lines, doc = run_cli([*SMALL, "--mode", "train"], tmp_path, capsys)
     assert code == 0 and HEADLINE.match(lines[-1]), lines[-1]
@@ -124,8 +134,6 @@ def test_model_mode_falls_back_to_concat_where_peft_refuses(tmp_path, capsys, mo
 
 def test_peft_refusal_reads_the_backbone_signature(monkeypatch):
     import transformers
-
-    from ptv2_kernels.bench import model
 
     assert model.peft_refusal("bert-base") is None  # the tests' backbone shim (or a transformers before 5.24)
     assert "refuses DeBERTa" in model.peft_refusal("deberta-v3-base")
