@@ -5,10 +5,12 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -136,7 +138,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   const Params p = make_params(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, cu_seqlens, max_seqlen, scale,
                                seed, attn_p, prefix_p, c2p_t, p2c_t, c10::nullopt);
   at::Tensor out = empty_like_qkv(q);
-  at::Tensor lse = at::empty({p.batch, p.heads, p.seq}, q.options().dtype(acc_dtype(q)));
+  // +inf where no query row is (packed rows shorter than max_seqlen): every element defined, as the
+  // registered op's callers (and torch.compile's checks) expect of an output
+  at::Tensor lse = at::full({p.batch, p.heads, p.seq}, std::numeric_limits<double>::infinity(),
+                            q.options().dtype(acc_dtype(q)));
   ptv2_cpu::ForwardOutputs o;
   o.out = seq_tensor(out);
   o.lse = lse.data_ptr();
