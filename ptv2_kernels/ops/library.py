@@ -170,7 +170,7 @@ def _unaliased(outputs) -> tuple:
     """``outputs`` with any that shares memory with an earlier one cloned (a custom op's outputs must not
     alias each other; the Triton backend returns the two prefix gradients as halves of one buffer)."""
     seen, result = set(), []
-    for t in outputs:
+    for t in outputs:  # empty outputs all count as one place: two empty views of one buffer alias too (P = 0)
         pointer = t.untyped_storage().data_ptr() if t.numel() else None
         if pointer in seen:
             t = t.clone()
