@@ -185,8 +185,16 @@ def scenario_dropout(dtype):
     scenario_padded(dtype, dropout_p=0.1, prefix_dropout_p=0.1)
 
 
+def scenario_prefix_dropout(dtype):
+    scenario_padded(dtype, prefix_dropout_p=0.1)
+
+
 def scenario_deterministic(dtype):
     scenario_padded(dtype, deterministic=True)
+
+
+def scenario_dropout_deterministic(dtype):
+    scenario_padded(dtype, dropout_p=0.1, prefix_dropout_p=0.1, deterministic=True)
 
 
 def scenario_bank(dtype):
@@ -239,8 +247,10 @@ def scenario_deberta_dropout(dtype):
 SCENARIOS = {
     "padded": scenario_padded,  # the plain path: single prefix, right-padded mask
     "unpadded": scenario_plain,
-    "dropout": scenario_dropout,
+    "dropout": scenario_dropout,  # attention and prefix dropout
+    "prefix-dropout": scenario_prefix_dropout,
     "deterministic": scenario_deterministic,
+    "dropout-deterministic": scenario_dropout_deterministic,
     "bank": scenario_bank,
     "varlen": scenario_varlen,
     "deberta": scenario_deberta,  # frozen relative embeddings (prefix tuning)
@@ -430,7 +440,7 @@ def targets(rows) -> list:
         ("sm_90: 0 B spills in every kernel, with or without dropout",
          [r for r in sm90 if r["spill_bytes"] and not r["scenario"].startswith("deberta")]),
         ("sm_90: no fenced atomics in the non-deterministic backward",
-         [r for r in sm90 if r["fences"] and r["scenario"] != "deterministic"]),
+         [r for r in sm90 if r["fences"] and "deterministic" not in r["scenario"]]),
         ("sm_90: wgmma in every attention kernel", [r for r in sm90 if not r["wgmma"] and r["kernel"] not in MATMUL_FREE]),
         ("sm_90: >= 2 CTAs/SM for every kernel of the plain path",
          [r for r in sm90 if r["scenario"] in PLAIN_PATH and r["ctas_per_sm"] < 2]),

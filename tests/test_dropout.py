@@ -20,15 +20,16 @@ BACKENDS = {  # (apply(q, k, v, prefix_k, prefix_v, mask, task_ids, options), th
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("p,prefix_p,num_prefix,tasks", [
-    (0.3, 0.0, 11, None),
-    (0.0, 0.4, 11, None),
-    (0.2, 0.25, 40, 3),
-    (0.5, 0.0, 0, None),
-], ids=["attention", "prefix", "both-bank", "P=0"])
-def test_backward_sees_the_forward_masks(backend, p, prefix_p, num_prefix, tasks):
+@pytest.mark.parametrize("p,prefix_p,num_prefix,tasks,dim", [
+    (0.3, 0.0, 11, None, 32),
+    (0.0, 0.4, 11, None, 32),
+    (0.2, 0.25, 40, 3, 32),
+    (0.5, 0.0, 0, None, 32),
+    (0.1, 0.4, 11, None, 48),  # two bitmask words per prefix row, the second one partly past D
+], ids=["attention", "prefix", "both-bank", "P=0", "both-D48"])
+def test_backward_sees_the_forward_masks(backend, p, prefix_p, num_prefix, tasks, dim):
     function, masks = BACKENDS[backend]
-    batch, heads, seq, dim, seed = 3, 2, 37, 32, 987654321987
+    batch, heads, seq, seed = 3, 2, 37, 987654321987
     tensors, mask, task_ids, d_out = make_inputs(batch, heads, seq, num_prefix, dim, torch.float32, tasks=tasks,
                                                  padded_rows=((1, 20),))
     prefix = [t if tasks else t.unsqueeze(0) for t in tensors[3:]]

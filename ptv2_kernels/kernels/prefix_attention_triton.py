@@ -119,12 +119,21 @@ def prefix_dropout_mask_kernel(Keep, seed, prefix_threshold, BH, P, WORDS: tl.co
 
 
 @triton.jit
-def _prefix_keep(Keep, kv: tl.constexpr, bh, BH, cols, offs_d, P, WORDS: tl.constexpr):
-    """``[len(cols), BLOCK_D]`` prefix-dropout keep of elements (cols, offs_d) of batch row ``bh`` from the
-    bitmask of ``prefix_dropout_mask_kernel``."""
-    ptrs = Keep + ((kv * BH + bh).to(tl.int64) * P + cols[:, None]) * WORDS + (offs_d // 32)[None, :]
-    words = tl.load(ptrs, mask=cols[:, None] < P, other=0)
-    return ((words >> (offs_d % 32)[None, :]) & 1) != 0
+def _prefix_keep(Keep, kv: tl.constexpr, bh, BH, cols, P, WORDS: tl.constexpr, BLOCK_D: tl.constexpr,
+                 LAST_USE: tl.constexpr = False):
+    """``[len(cols), BLOCK_D]`` prefix-dropout keep of elements (cols, d) of batch row ``bh`` from the bitmask
+    of ``prefix_dropout_mask_kernel``. Each row's words are loaded once (``[len(cols), BLOCK_D / 32]``, not one
+    word per element: one register a thread where a per-element gather takes 32 plus 64 of addresses) and
+    expanded to bits. LAST_USE: the program reads these bits for the last time (evict them first; also a load
+    of its own, which the compiler does not merge with an earlier one and so keep live in between)."""
+    BITS: tl.constexpr = 32 if BLOCK_D >= 32 else BLOCK_D
+    GROUPS: tl.constexpr = BLOCK_D // BITS  # element d = BITS * g + r is bit r of word g
+    groups = tl.arange(0, GROUPS)[None, :]
+    ptrs = Keep + (kv * BH + bh).to(tl.int64) * P * WORDS + cols[:, None] * WORDS + groups
+    words = tl.load(ptrs, mask=(cols[:, None] < P) & (groups < WORDS), other=0,
+                    eviction_policy="evict_first" if LAST_USE else "")
+    bits = (words[:, :, None] >> tl.arange(0, BITS)[None, None, :]) & 1
+    return tl.reshape(bits, [cols.shape[0], BLOCK_D]) != 0
 
 
 # ----- rows, tiles, biases ------------------------------------------------------------------------------------
@@ -190,8 +199,8 @@ def _load_columns(K, V, PK, PV, PrefixKeep, Mask, b, bh, BH, cols, offs_d, n, N,
         v = _load_rows(PV, cols, P, D, offs_d, D)
         valid = cols < P
         if PREFIX_DROPOUT:
-            k = tl.where(_prefix_keep(PrefixKeep, 0, bh, BH, cols, offs_d, P, WORDS), k * prefix_scale, 0.0).to(k.dtype)
-            v = tl.where(_prefix_keep(PrefixKeep, 1, bh, BH, cols, offs_d, P, WORDS), v * prefix_scale, 0.0).to(v.dtype)
+            k = tl.where(_prefix_keep(PrefixKeep, 0, bh, BH, cols, P, WORDS, offs_d.shape[0]), k * prefix_scale, 0.0).to(k.dtype)
+            v = tl.where(_prefix_keep(PrefixKeep, 1, bh, BH, cols, P, WORDS, offs_d.shape[0]), v * prefix_scale, 0.0).to(v.dtype)
     else:
         k = _load_rows(K, seq, n, stride_kn, offs_d, D)
         v = _load_rows(V, seq, n, stride_vn, offs_d, D)
@@ -646,21 +655,19 @@ def prefix_attention_bwd_dprefix_kernel(
                                   BLOCK_M, BLOCK_N, BLOCK_D)
     ok = col_valid[:, None] & (offs_d[None, :] < D)
     offs = cols[:, None] * D + offs_d[None, :]
-    ok_k = ok
-    ok_v = ok
-    if PREFIX_DROPOUT:  # d(prefix) = d(dropped prefix) * keep / (1 - p) with the run's (single) row's mask: dropped
-        # elements are left out of the write (their partials stay zero), no select on the accumulators' layout
-        acc_k *= prefix_scale
-        acc_v *= prefix_scale
-        ok_k &= _prefix_keep(PrefixKeep, 0, b0 * H + h, B * H, cols, offs_d, P, WORDS)
-        ok_v &= _prefix_keep(PrefixKeep, 1, b0 * H + h, B * H, cols, offs_d, P, WORDS)
+    if PREFIX_DROPOUT:  # d(prefix) = d(dropped prefix) * keep / (1 - p) with the run's (single) row's mask (a
+        # select: a per-element write mask would split the vector atomics into scalar ones)
+        acc_k = tl.where(_prefix_keep(PrefixKeep, 0, b0 * H + h, B * H, cols, P, WORDS, BLOCK_D, True),
+                         acc_k * prefix_scale, 0.0)
+        acc_v = tl.where(_prefix_keep(PrefixKeep, 1, b0 * H + h, B * H, cols, P, WORDS, BLOCK_D, True),
+                         acc_v * prefix_scale, 0.0)
     if DETERMINISTIC:
         base = ((run * 2).to(tl.int64) * H + h) * P * D
-        tl.store(DPrefix + base + offs, acc_k * scale, mask=ok_k)
-        tl.store(DPrefix + base + H * P * D + offs, acc_v, mask=ok_v)
+        tl.store(DPrefix + base + offs, acc_k * scale, mask=ok)
+        tl.store(DPrefix + base + H * P * D + offs, acc_v, mask=ok)
     elif end > first:
-        tl.atomic_add(DPrefix + prefix_base + offs, acc_k * scale, mask=ok_k, sem="relaxed")
-        tl.atomic_add(DPrefix + T * H * P * D + prefix_base + offs, acc_v, mask=ok_v, sem="relaxed")
+        tl.atomic_add(DPrefix + prefix_base + offs, acc_k * scale, mask=ok, sem="relaxed")
+        tl.atomic_add(DPrefix + T * H * P * D + prefix_base + offs, acc_v, mask=ok, sem="relaxed")
 
 
 @triton.jit
