@@ -199,8 +199,10 @@ def _load_columns(K, V, PK, PV, PrefixKeep, Mask, b, bh, BH, cols, offs_d, n, N,
         v = _load_rows(PV, cols, P, D, offs_d, D)
         valid = cols < P
         if PREFIX_DROPOUT:
-            k = tl.where(_prefix_keep(PrefixKeep, 0, bh, BH, cols, P, WORDS, offs_d.shape[0]), k * prefix_scale, 0.0).to(k.dtype)
-            v = tl.where(_prefix_keep(PrefixKeep, 1, bh, BH, cols, P, WORDS, offs_d.shape[0]), v * prefix_scale, 0.0).to(v.dtype)
+            keep_k = _prefix_keep(PrefixKeep, 0, bh, BH, cols, P, WORDS, offs_d.shape[0])
+            k = tl.where(keep_k, k * prefix_scale, 0.0).to(k.dtype)
+            keep_v = _prefix_keep(PrefixKeep, 1, bh, BH, cols, P, WORDS, offs_d.shape[0])
+            v = tl.where(keep_v, v * prefix_scale, 0.0).to(v.dtype)
     else:
         k = _load_rows(K, seq, n, stride_kn, offs_d, D)
         v = _load_rows(V, seq, n, stride_vn, offs_d, D)
@@ -613,9 +615,10 @@ def prefix_attention_bwd_dprefix_kernel(
     and spill). The program sums the run's gradient in one pair of float32 accumulators, in one
     software-pipelined loop over its (row, query tile) pairs, and writes it once:
     - default: one relaxed float32 atomic add per element into ``DPrefix`` = the gradient ``[2, T, H, P, D]``;
-    - DETERMINISTIC: a plain store into ``DPrefix`` = the (zero-initialised) partials ``[NUM_RUNS, 2, H, P, D]`` at
-      slot ``run``. Every slot is written by exactly one program, once, and nothing reads it in this kernel: no
-      access can race; ``prefix_grad_reduce_kernel`` then sums each task's slots in a fixed order.
+    - DETERMINISTIC: a plain store into ``DPrefix`` = the partials ``[NUM_RUNS, 2, H, P, D]`` at slot ``run`` (all
+      of it: an empty run stores zeros). Every slot is written by exactly one program, once, and nothing reads it
+      in this kernel: no access can race; ``prefix_grad_reduce_kernel`` then sums each task's slots in a fixed
+      order.
     Its own kernel rather than programs of the dk/dv kernel: the accumulators and the run state would push that
     kernel's register allocation (shared by all its programs) into spills."""
     pid = tl.program_id(0)

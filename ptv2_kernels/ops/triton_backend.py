@@ -373,8 +373,8 @@ def _prefix_grad(q, prefix_k, prefix_v, d_out, lse, delta, keep, task_ids, commo
         order, run_range, slot_range, num_runs = prefix_runs(task_ids, batch, num_tasks, chunk,
                                                              range(lo, min(lo + group, batch)), per_row, q.device)
         target = dprefix
-        if deterministic:  # the partials
-            target = torch.zeros((num_runs, 2) + grad_shape[2:], device=q.device, dtype=torch.float32)
+        if deterministic:  # the partials (each program writes every element of its slot, empty runs zeros)
+            target = torch.empty((num_runs, 2) + grad_shape[2:], device=q.device, dtype=torch.float32)
         _launch(DPREFIX, lambda meta: (triton.cdiv(num_prefix, meta["BLOCK_N"]) * heads * num_runs,), deterministic,
                 Q=q, PK=prefix_k, PV=prefix_v, PrefixKeep=keep, DOut=d_out, Lse=lse, Delta=delta, DPrefix=target,
                 RowOrder=dummy if order is None else order, RunRange=run_range, **_strides(q=q, g=d_out),
