@@ -1,6 +1,6 @@
 """patch_model / unpatch_model on tiny random BERT and RoBERTa models (CPU, no downloads).
 
-The outside reference is PEFT 0.21 ``PrefixTuningConfig`` loaded with the same prefix (its
+The outside reference is PEFT's ``PrefixTuningConfig`` loaded with the same prefix (its
 ``prompt_embeddings`` ``[P, 2·L·hidden]`` is the flat layout). Every comparison uses fresh random inputs
 with padding; outputs are compared on real tokens only (padded query rows may hold any finite value)."""
 
@@ -18,13 +18,15 @@ from ptv2_kernels import load_prefix, patch_model, save_prefix, unpatch_model
 from ptv2_kernels.patching import base as patching_base
 from ptv2_kernels.prefix_encoder import prefix_from_flat, prefix_to_flat
 
+from .prefix_references import cache_argument
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FAMILIES = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig}
 HEADS = ["Model", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
          "ForMultipleChoice", "ForMaskedLM"]
 # PEFT task types whose PeftModel forward adds the prefix itself; the other heads get PEFT's prompt
-# (get_prompt, a DynamicCache) passed as past_key_values with the mask widened by P ones, as PEFT does.
+# (get_prompt, a DynamicCache) passed as the cache argument with the mask widened by P ones, as PEFT does.
 PEFT_TASKS = {"Model": TaskType.FEATURE_EXTRACTION, "ForSequenceClassification": TaskType.SEQ_CLS,
               "ForTokenClassification": TaskType.TOKEN_CLS, "ForQuestionAnswering": TaskType.QUESTION_ANS}
 PREFIX_LEN = 4
@@ -98,7 +100,7 @@ def peft_reference(model, head, **prefix_options):
         rows = mask.reshape(-1, mask.shape[-1]).shape[0]
         ones = torch.ones(*mask.shape[:-1], PREFIX_LEN, dtype=mask.dtype)
         return reference(input_ids=inputs["input_ids"], attention_mask=torch.cat([ones, mask], dim=-1),
-                         past_key_values=peft_model.get_prompt(rows))
+                         **{cache_argument(reference): peft_model.get_prompt(rows)})
 
     return peft_model, run
 
