@@ -19,6 +19,16 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+def enable_activation_checkpointing(model, checkpointing_kwargs=None) -> None:
+    """transformers' activation checkpointing under its name on the installed version:
+    ``activation_checkpointing_enable`` where it exists (``gradient_checkpointing_enable`` is deprecated there, to
+    be removed in v6), else ``gradient_checkpointing_enable`` (transformers before 5.23)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+
+
 def prefix_cache(prefix: torch.Tensor, rows: int) -> DynamicCache:
     """A ``DynamicCache`` holding the compact prefix ``[L, 2, H, P, D]`` as every layer's past keys and values,
     expanded over ``rows`` (differentiable in ``prefix``). A forward appends to it: use a fresh one per call."""

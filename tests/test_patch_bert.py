@@ -18,7 +18,7 @@ from ptv2_kernels import load_prefix, patch_model, save_prefix, unpatch_model
 from ptv2_kernels.patching import base as patching_base
 from ptv2_kernels.prefix_encoder import prefix_from_flat, prefix_to_flat
 
-from .prefix_references import cache_argument
+from .prefix_references import cache_argument, enable_activation_checkpointing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -440,7 +440,7 @@ def test_gradient_checkpointing_and_call_outside_model():
     weighted_sum([expected]).backward()
     grad = encoder.prefix.grad.clone()
     encoder.prefix.grad = None
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model, {"use_reentrant": False})
     logits = model(**inputs).logits
     weighted_sum([logits]).backward()
     torch.testing.assert_close(logits, expected)
