@@ -408,12 +408,15 @@ class PrefixServer:
         if all_or_none and _refused(items):
             raise RequestsRefused(_refused(items))
         futures = self._enqueue(items, timeout_s)
+        waiting = [asyncio.wrap_future(future) for future in futures]
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)), timeout_s))
-        except asyncio.TimeoutError:
+            _, late = await asyncio.wait(waiting, timeout=timeout_s) if waiting else ((), ())
+        finally:  # timed out or cancelled: what has not run leaves the queue (a no-op on finished futures)
             for future in futures:
                 future.cancel()
-            raise TimeoutError(f"{len(futures)} request(s) got no result within timeout_s={timeout_s}") from None
+        if late:
+            raise TimeoutError(f"{len(late)} of {len(futures)} request(s) got no result within timeout_s={timeout_s}")
+        return [result.result() for result in waiting]
 
     @property
     def queue_depth(self) -> int:
