@@ -22,7 +22,6 @@ import torch
 
 from . import philox
 from .common import Dropout, Options, prefix_rows, reduce_prefix_grad
-from .disentangled import bias_matrix
 
 
 def _prefix_matmul(x: torch.Tensor, prefix: torch.Tensor, transpose: bool) -> torch.Tensor:
