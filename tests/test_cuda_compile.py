@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +19,11 @@ import ptv2_kernels  # noqa: F401  (before triton: selects the Triton interprete
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from ptv2_kernels.kernels.prefix_attention_triton import _attention_keep, prefix_dropout_mask_kernel
+from ptv2_kernels.build_spec import cuda_spec
 from ptv2_kernels.ops import cuda_backend
 from ptv2_kernels.ops.common import Dropout, Options
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc" / "prefix_attention"
+CSRC = cuda_spec().directory()
 KERNEL_FILES = sorted(CSRC.glob("*.cu"))
 NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
                                 if os.environ.get("CUDA_HOME") else None)
