@@ -167,9 +167,9 @@ def result_json(engine: PrefixServer, result: Result) -> dict:
     return out
 
 
-def validation_problems(errors, prefix: tuple = ()) -> List[dict]:
+def validation_problems(errors) -> List[dict]:
     """pydantic's errors as ``{"field", "message", "type"}``, fields dotted (``inputs.2.text``)."""
-    return [{"field": ".".join(str(p) for p in (*prefix, *e["loc"]) if p != "body") or "body", "message": e["msg"],
+    return [{"field": ".".join(str(p) for p in e["loc"] if p != "body") or "body", "message": e["msg"],
              "type": e["type"]} for e in errors]
 
 
