@@ -1,6 +1,6 @@
 """PEFT 0.21 prefix-tuning adapters for patched models of the families PEFT's format covers
-(``ModelFamily.peft_format_covers``: BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA): the directory ``PeftModel.save_pretrained``
-writes and ``PeftModel.from_pretrained`` reads, without PEFT installed.
+(``ModelFamily.peft_format_covers``: BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA): the directory
+``PeftModel.save_pretrained`` writes and ``PeftModel.from_pretrained`` reads, without PEFT installed.
 
 Files (what PEFT 0.21.2 writes for a ``PrefixTuningConfig``, byte for byte):
 - ``adapter_config.json``: the config's fields, sorted, indented by 2 (``peft_type`` ``PREFIX_TUNING``,

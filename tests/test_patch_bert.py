@@ -270,7 +270,8 @@ def assert_bank_rows_match_single_task_models(model, inputs, task_ids, prefix_le
 
 
 @pytest.mark.parametrize("family,head", [("roberta", "ForSequenceClassification"), ("roberta", "ForMultipleChoice"),
-                                         ("xlm-roberta", "ForSequenceClassification"), ("electra", "ForMultipleChoice")])
+                                         ("xlm-roberta", "ForSequenceClassification"),
+                                         ("electra", "ForMultipleChoice")])
 def test_bank_rows_match_single_task_models(family, head):
     model = tiny_model(family, head)
     inputs = random_inputs(model, batch=4, head=head)

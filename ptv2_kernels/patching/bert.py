@@ -64,9 +64,9 @@ class _RoutedAttention:
 
 
 class BertLike(ModelFamily):
-    """The BERT layout, which RoBERTa, XLM-RoBERTa, CamemBERT and ELECTRA share: ``base.encoder.layer[i].attention.self``
-    (``query``/``key``/``value``, routed through the ``AttentionInterface``), absolute positions in
-    ``base.embeddings``. ``BertLike(model_type, "Prefix")`` names transformers' ``modeling_<model_type>`` classes
+    """The BERT layout, which RoBERTa, XLM-RoBERTa, CamemBERT and ELECTRA share:
+    ``base.encoder.layer[i].attention.self`` (``query``/``key``/``value``, routed through the ``AttentionInterface``),
+    absolute positions in ``base.embeddings``. ``BertLike(model_type, "Prefix")`` names transformers' ``modeling_<model_type>`` classes
     ``PrefixModel``, ``PrefixSelfAttention`` and ``PrefixEmbeddings``; ``positions_after_padding_idx`` selects
     RoBERTa's numbering, ``sequence_head`` how its sequence classifier reads a sequence."""
 

@@ -28,7 +28,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from .. import peft_adapter
+from ..peft_adapter import ADAPTER_CONFIG, FEATURE_EXTRACTION, check_model_type, read_adapter, write_adapter
 from ..errors import CheckpointError
 from ..patching import FAMILIES
 from ..patching.base import BASE_POOLER, CONTEXT_POOLER
@@ -39,7 +39,7 @@ BANK_INDEX = "tasks.json"
 BANK_FORMAT = "ptv2-prefix-bank"
 BANK_VERSION = 1
 BANK_ENTRY_FIELDS = ("name", "prefix", "head")
-PEFT_CONFIG = peft_adapter.ADAPTER_CONFIG
+PEFT_CONFIG = ADAPTER_CONFIG
 PEFT_TASK_TYPES = {SEQUENCE_CLASSIFICATION: "SEQ_CLS", TOKEN_CLASSIFICATION: "TOKEN_CLS"}
 THUDM_PLAIN_KEYS = {"embedding.weight"}
 THUDM_PROJECTION_KEYS = {"embedding.weight", "trans.0.weight", "trans.0.bias", "trans.2.weight", "trans.2.bias"}
@@ -200,7 +200,7 @@ def read_peft_adapter(server, directory) -> TaskCheckpoint:
     """A PEFT prefix-tuning adapter directory (``prompt_embeddings`` and classifier weights, if any), checked
     against the server: BERT/RoBERTa, its depth, heads, width, P and kind of head."""
     served = server.prefix_config
-    adapter = peft_adapter.read_adapter(
+    adapter = read_adapter(
         directory, model_type=server.model.config.model_type, num_layers=served.num_hidden_layers,
         num_heads=served.num_heads, hidden_size=served.hidden_size, prefix_len=served.prefix_len,
         task_type=PEFT_TASK_TYPES.get(server.head.kind), head_name=server.head.module_name)
@@ -213,11 +213,11 @@ def write_peft_adapter(server, task: str, directory) -> None:
     server's (unpatched) model with identical outputs. Classification models get the task's effective
     classifier (its own or the model's) in ``modules_to_save``."""
     source = f"PEFT export of task {task!r}"
-    peft_adapter.check_model_type(server.model.config.model_type, source)
+    check_model_type(server.model.config.model_type, source)
     _check_full_depth(server, source)
     head = None if server.head.module_name is None else server.task_head(task) or server.head.module.state_dict()
-    peft_adapter.write_adapter(directory, server.task_prefix(task).float(),
-                               task_type=PEFT_TASK_TYPES.get(server.head.kind, peft_adapter.FEATURE_EXTRACTION),
+    write_adapter(directory, server.task_prefix(task).float(),
+                               task_type=PEFT_TASK_TYPES.get(server.head.kind, FEATURE_EXTRACTION),
                                head=head, name_or_path=server.model.__dict__.get("name_or_path"))
 
 
