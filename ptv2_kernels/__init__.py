@@ -7,6 +7,8 @@ The prefix keys/values of every layer are read from a compact ``[H, P, D]`` buff
 import os
 import sys
 
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it (dynamic version), so the metadata equals it
+
 
 def _use_triton_interpreter_without_gpu() -> None:
     """On a machine without a CUDA GPU, compiled Triton cannot run at all, so import Triton in
@@ -30,6 +32,5 @@ from .peft_adapter import export_peft_adapter, load_peft_adapter  # noqa: E402
 __all__ = ["prefix_attention", "prefix_attention_varlen", "concat_prefix_attention", "DisentangledBias"]
 __all__ += ["patch_model", "unpatch_model", "PrefixEncoder", "PrefixConfig", "save_prefix", "load_prefix"]
 __all__ += ["export_peft_adapter", "load_peft_adapter"]
-__version__ = "0.1.0"
 from .serving import PrefixServer, Request  # noqa: E402
 __all__ += ["PrefixServer", "Request"]

@@ -1,4 +1,5 @@
-"""Host side of the fused CPU kernels (``csrc/cpu``): what ``backend="torch"`` runs on CPU tensors.
+"""Host side of the fused CPU kernels (``csrc/cpu``): what ``backend="cpu"`` runs (the default on CPU tensors;
+``"torch"`` is its old name).
 
 The kernels (C++, ATen ``at::vec``, ``at::parallel_for``) do one online-softmax pass per query block over
 the prefix read from the compact ``[T, H, P, D]`` bank and then the sequence, skipping keys past a row's
@@ -8,92 +9,55 @@ threads). Dropout follows RNG contract v2 (``ops/philox.py``), so a seed gives t
 backend. Inputs are read in place (strided q/k/v views, a strided bank); half precision accumulates in
 float32, float64 in float64.
 
-Build: ahead of time (``PTV2_BUILD_CPU=1 pip install --no-build-isolation -e .``, see ``setup.py``), or with
-ninja on first use through ``torch.utils.cpp_extension.load``, cached by torch under
-``TORCH_EXTENSIONS_DIR``. The JIT build compiles for the machine it runs on: ``-O3 -march=native``, the
-``CPU_CAPABILITY_*`` macro of the instruction set torch uses here (``torch.backends.cpu.get_cpu_capability()``),
-which selects ATen's vectorised ``at::vec`` implementation (AVX512 or AVX2; scalar otherwise), and
-``-fopenmp`` (``at::parallel_for`` is inline OpenMP code). Importing
-this module builds nothing and never fails; without a compiler or ninja (or with
-``PTV2_DISABLE_CPU_KERNEL=1``) :func:`use_cpu_kernel` says no, warning once, and ``backend="torch"`` runs the
+Build (one description for both builds: ``ptv2_kernels/build_spec.py``): ahead of time into the package
+(``PTV2_BUILD_CPU=1``, portable flags, see ``setup.py``), else on first use with ninja from the package's own
+sources (``ptv2_kernels/csrc/cpu``), cached in torch's extension cache (``TORCH_EXTENSIONS_DIR``). The first-use
+build compiles for the machine it runs on: ``-O3 -march=native``, the ``CPU_CAPABILITY_*`` macro of the
+instruction set torch uses here (``torch.backends.cpu.get_cpu_capability()``), which selects ATen's vectorised
+``at::vec`` implementation (AVX512 or AVX2; scalar otherwise), and ``-fopenmp`` (``at::parallel_for`` is inline
+OpenMP code). Importing this module builds nothing and never fails; without a compiler or ninja (or with
+``PTV2_DISABLE_CPU_KERNEL=1``) :func:`use_cpu_kernel` says no, warning once, and ``backend="cpu"`` runs the
 pure-PyTorch composition (``backend="torch-ref"``) instead.
 
-``cpu_forward`` / ``cpu_backward`` are plain functions of tensors; the registered op (``library.py``) calls
-them.
+``cpu_forward`` / ``cpu_backward`` are plain functions of tensors; ``library.py`` calls them through the table
+of ``dispatch.py``.
 """
 
 import functools
-import hashlib
 import importlib
 import os
-import platform
 import shutil
 import sys
 import warnings
-from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
+from ..build_spec import CPU_CAPABILITIES, BuildError, cpu_spec
 from .common import Options
 
-EXTENSION_NAME = "ptv2_prefix_attention_cpu"
-CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
-SOURCES = ("binding.cpp", "forward.cpp", "backward.cpp")
-CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")  # ATen's CPU_CAPABILITY names, weakest first
 DISABLE_ENV = "PTV2_DISABLE_CPU_KERNEL"
 
 
 def _capability() -> str:
     """The vector instruction set torch's own CPU kernels use here (honours ``ATEN_CPU_CAPABILITY``)."""
     name = torch.backends.cpu.get_cpu_capability()
-    return name if name in CAPABILITIES else "DEFAULT"
+    return name if name in CPU_CAPABILITIES else "DEFAULT"
 
 
-def openmp_flags() -> list:
-    """``-fopenmp`` when torch's intra-op parallelism is OpenMP (Linux wheels): ``at::parallel_for`` is inline
-    ``#pragma omp parallel`` code, which runs on one thread unless the extension is compiled with it (and
-    linked to the ``libgomp.so.1`` torch already loaded)."""
-    return ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform == "linux" else []
-
-
-def jit_flags(capability: str) -> list:
-    """Compiler flags of the first-use build on this machine: ``-march=native`` (the binary never leaves
-    it), the ``CPU_CAPABILITY_*`` macro that makes ``at::vec`` use AVX512/AVX2 registers, and OpenMP."""
-    flags = ["-O3", "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"]
-    if capability != "DEFAULT":
-        flags.append(f"-DCPU_CAPABILITY_{capability}")
-    return flags + openmp_flags()
-
-
-def _jit_name(capability: str) -> str:
-    """Extension name of the JIT build: the capability and a hash of this CPU's model and flags, so that a
-    build cache shared between different machines never hands one a binary for another's instructions."""
-    cpu = platform.processor()
+def _ahead_of_time() -> Tuple[Optional[object], str]:
+    """``ptv2_kernels._cpu_ext`` from ``PTV2_BUILD_CPU=1`` if installed and runnable here, else ``(None, why
+    not)`` (an empty reason where none is installed)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu = "".join(line for line in f if line.startswith(("model name", "flags")))
-    except OSError:
-        pass
-    build = f"{cpu}|{torch.__version__}|{sys.version}"
-    return f"{EXTENSION_NAME}_{capability.lower()}_{hashlib.sha1(build.encode()).hexdigest()[:8]}"
-
-
-def _build_directory(name: str) -> Path:
-    """``TORCH_EXTENSIONS_DIR`` (else torch's default root) / name."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR", get_default_build_root())) / name
-
-
-def _ahead_of_time() -> Optional[object]:
-    """``ptv2_kernels._cpu_ext`` from ``PTV2_BUILD_CPU=1`` if installed and runnable on this CPU."""
-    try:
-        module = importlib.import_module("ptv2_kernels._cpu_ext")
-    except ImportError:
-        return None
+        module = importlib.import_module(cpu_spec("DEFAULT", portable=True).module)
+    except ModuleNotFoundError:
+        return None, ""
+    except ImportError as error:  # built against another torch (undefined symbols) or a missing library
+        return None, f"the ahead-of-time build does not load ({error})"
     compiled = module.capability()
-    return module if CAPABILITIES.index(compiled) <= CAPABILITIES.index(_capability()) else None
+    if CPU_CAPABILITIES.index(compiled) > CPU_CAPABILITIES.index(_capability()):
+        return None, f"the ahead-of-time build needs {compiled}, this CPU runs {_capability()}"
+    return module, f"ahead-of-time build ({compiled})"
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,34 +65,31 @@ def _load() -> Tuple[Optional[object], str]:
     """The compiled extension and how it was had, or ``(None, why not)``. One attempt per process."""
     if os.environ.get(DISABLE_ENV) == "1":
         return None, f"disabled by {DISABLE_ENV}=1"
-    module = _ahead_of_time()
+    module, how = _ahead_of_time()
     if module is not None:
-        return module, f"ahead-of-time build ({module.capability()})"
-    from torch.utils.cpp_extension import is_ninja_available, load
+        return module, how
+    aot = f"{how}; " if how else ""
+    from torch.utils.cpp_extension import is_ninja_available
 
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
-        return None, f"no C++ compiler ({compiler!r} not found; set CXX)"
+        return None, f"{aot}no C++ compiler ({compiler!r} not found; set CXX)"
     if not is_ninja_available():
-        return None, "ninja is not installed (pip install ninja)"
-    if not all((CSRC / name).exists() for name in SOURCES):
-        return None, f"the kernel sources are missing from {CSRC}"
+        return None, f"{aot}ninja is not installed (pip install ninja)"
     capability = _capability()
-    name = _jit_name(capability)
-    directory = _build_directory(name)
-    if not (directory / f"{name}.so").exists():
+    spec = cpu_spec(capability, portable=False)
+    missing = spec.missing_sources()
+    if missing:
+        return None, f"{aot}the kernel sources are missing from the installed package: {', '.join(missing)}"
+    directory = spec.jit_directory()
+    if not spec.jit_built():
         print(f"ptv2_kernels: building the fused CPU kernel for {capability} (first use, about a minute; cached in "
               f"{directory})", file=sys.stderr, flush=True)
-    directory.mkdir(parents=True, exist_ok=True)
     try:
-        module = load(name=name, sources=[str(CSRC / n) for n in SOURCES], extra_cflags=jit_flags(capability),
-                      extra_ldflags=openmp_flags(), extra_include_paths=[str(CSRC)], build_directory=str(directory),
-                      verbose=False)
-    except Exception as error:  # a failed compile or link: keep the compiler output for the user
-        log = directory / "build.log"
-        log.write_text(f"{type(error).__name__}: {error}\n")
-        return None, f"building it failed; compiler output in {log}"
-    return module, f"JIT build {name} ({capability})"
+        module = spec.jit_load()
+    except BuildError as error:
+        return None, f"{aot}building it failed; compiler output in {error.log}"
+    return module, f"JIT build {directory.name} ({capability})"
 
 
 def cpu_kernel_status() -> Tuple[bool, str]:
@@ -139,12 +100,12 @@ def cpu_kernel_status() -> Tuple[bool, str]:
 
 @functools.lru_cache(maxsize=None)
 def _warn_fallback(reason: str) -> None:
-    warnings.warn(f"ptv2_kernels: the fused CPU kernel is unavailable ({reason}); backend='torch' runs the "
-                  "pure-PyTorch composition (backend='torch-ref') instead", RuntimeWarning, stacklevel=4)
+    warnings.warn(f"ptv2_kernels: the fused CPU kernel is unavailable ({reason}); backend='cpu' runs the "
+                  "pure-PyTorch composition (backend='torch-ref') instead", RuntimeWarning, stacklevel=5)
 
 
 def use_cpu_kernel(requested: str, device: torch.device) -> bool:
-    """Whether a call that asked for ``requested`` (``auto``/``torch``/``torch-ref``) on ``device`` runs the
+    """Whether a call that asked for ``requested`` (``auto``/``cpu``/``torch``/``torch-ref``) on ``device`` runs the
     fused CPU kernel: CPU tensors, not ``torch-ref``, and the extension is built (else a warning, once)."""
     return requested != "torch-ref" and device.type == "cpu" and _kernel_available()
 
@@ -230,30 +191,10 @@ def cpu_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relat
     c2p, p2c, p2c_rows = (None,) * 3 if relative is None else relative_tables(q, relative, options.scale, seq, True)
     wants = [bool(w) and t is not None for w, t in zip(relative_grads, (c2p, p2c))]
     dq, dk, dv, dpk, dpv, dbias, dc2p, dp2c = _extension().backward(
-        _unit_last(d_out), q, k, v, _unit_last(prefix_k), _unit_last(prefix_v), mask, task_ids, bias, cu_seqlens,
-        options.max_seqlen, out, lse, bias_grad, options.scale, dropout.seed, dropout.p, dropout.prefix_p,
+        _unit_last(d_out.to(q.dtype)), q, k, v, _unit_last(prefix_k), _unit_last(prefix_v), mask, task_ids, bias,
+        cu_seqlens, options.max_seqlen, out, lse, bias_grad, options.scale, dropout.seed, dropout.p, dropout.prefix_p,
         c2p, p2c, p2c_rows, *wants)
     dpos_key = _fold_table(dc2p, relative[0], relative[2][0], 1.0, seq) if wants[0] else None
     dpos_query = _fold_table(dp2c, relative[1], relative[2][1], options.scale, seq) if wants[1] else None
     return dq, dk, dv, dpk, dpv, dbias if bias_grad else None, dpos_key, dpos_query
 
-
-def cpu_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options,
-                         disentangled=None) -> torch.Tensor:
-    """Validated entry point of the fused CPU kernel (see :func:`ptv2_kernels.prefix_attention`);
-    ``disentangled``: a checked :class:`~ptv2_kernels.ops.disentangled.DisentangledBias` (its c2p/p2c are added
-    in-kernel from distance tables, no ``[B, H, N, N]`` tensor) or None."""
-    if bias is not None and bias.dtype != q.dtype:
-        bias = bias.to(q.dtype)
-    from .library import attend
-
-    rel = (None, None, None) if disentangled is None else disentangled.tensors
-    return attend("cpu", q, k, v, prefix_k, prefix_v, mask, task_ids, bias, *rel, None, options)
-
-
-def cpu_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options: Options) -> torch.Tensor:
-    """Validated entry point for packed rows (see :func:`ptv2_kernels.prefix_attention_varlen`): read in place,
-    no padding."""
-    from .library import attend
-
-    return attend("cpu", q, k, v, prefix_k, prefix_v, None, task_ids, None, None, None, None, cu_seqlens, options)
