@@ -9,11 +9,11 @@
   ``max_relative_positions ± span`` rows, span ``min(N, max_relative_positions)``; v2: ``pos_key_proj``/
   ``pos_query_proj``, or ``key_proj``/``query_proj`` with ``share_att_key``, over the first ``2·pos_ebd_size``
   rows) after ``pos_dropout``, and the distance-to-row tables of transformers' relative positions (plain or log
-  buckets), clamped as transformers clamps them. The Triton kernels gather c2p/p2c per tile (no ``[B, H, N, N]``
-  tensor); prefix columns get the content score only.
+  buckets), clamped as transformers clamps them (:class:`RelativeTerms`, which packed serving uses too). The Triton
+  kernels gather c2p/p2c per tile (no ``[B, H, N, N]`` tensor); prefix columns get the content score only.
 - Absolute positions (``position_biased_input=True`` only) shift by P, as the P-Tuning v2 reference's DeBERTa
-  models do for ``past_key_values`` of length P: positions ``P … P+N-1``. Explicit ``position_ids`` are used
-  as given. Relative positions are not shifted.
+  models do for ``past_key_values`` of length P: positions ``P … P+N-1`` (the embeddings pre-hook every family
+  shares, :mod:`.positions`). Explicit ``position_ids`` are used as given. Relative positions are not shifted.
 
 DeBERTa's model forward, unlike BERT's, does not pass extra keyword arguments down to its layers. So the base
 model's instance ``forward`` takes this forward's :class:`PrefixCall`, and an encoder pre-hook hands it to every
