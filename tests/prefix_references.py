@@ -14,10 +14,13 @@ import functools
 import inspect
 
 import torch
-import transformers
 from transformers import DynamicCache
 
-PEFT_BACKBONES = (transformers.BertModel, transformers.RobertaModel)
+from ptv2_kernels.patching import FAMILIES
+
+# the base models of the families whose prefix PEFT's adapter format holds (BERT, RoBERTa, XLM-RoBERTa, ...)
+PEFT_BACKBONES = tuple(cls for family in FAMILIES.values() if family.peft_format_covers
+                       for cls in family.base_model_classes())
 _SHIMMED = "__ptv2_test_shim_of__"
 
 

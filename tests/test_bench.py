@@ -136,7 +136,7 @@ def test_peft_refusal_reads_the_backbone_signature(monkeypatch):
     import transformers
 
     assert model.peft_refusal("bert-base") is None  # the tests' backbone shim (or a transformers before 5.24)
-    assert "refuses DeBERTa" in model.peft_refusal("deberta-v3-base")
+    assert "refuses DebertaV2Model" in model.peft_refusal("deberta-v3-base")
     monkeypatch.setattr(transformers.BertModel, "forward", lambda self, input_ids=None, cache=None, **kwargs: None)
     assert f"refuses prefix tuning of BertModel on transformers {transformers.__version__}" in \
         model.peft_refusal("bert-base")

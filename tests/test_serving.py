@@ -15,13 +15,15 @@ import transformers
 
 from ptv2_kernels import patch_model
 from ptv2_kernels.serving import PrefixServer, Request
+from ptv2_kernels.patching.positions import Positions
 from ptv2_kernels.serving.engine import RequestsRefused
-from ptv2_kernels.serving.packed import packed_positions
+from ptv2_kernels.serving.packed import segment_ids
 
-from .test_patch_bert import FAMILIES, PREFIX_LEN, tiny_model
+from .test_patch_bert import PREFIX_LEN, tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HEADS = ["ForSequenceClassification", "ForTokenClassification", "Model"]
+ADDED = ["xlm-roberta", "electra"]  # families added on the BERT layout (CamemBERT is XLM-RoBERTa's code under its name)
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
@@ -60,9 +62,9 @@ def serve(model, tasks=3, **options):
     return server, reference
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("head", HEADS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,head,packed", [(family, head, packed) for family in ("bert", "roberta")
+                                                for head in HEADS for packed in (False, True)]
+                         + [(family, head, True) for family in ADDED for head in HEADS])
 def test_mixed_batch_equals_each_row_alone(family, head, packed):
     server, reference = make_server(family, head, packed)
     requests = random_requests(server.tasks())
@@ -73,8 +75,8 @@ def test_mixed_batch_equals_each_row_alone(family, head, packed):
         torch.testing.assert_close(result.output, expected, **TOL)
 
 
-@pytest.mark.parametrize("head", HEADS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,head", [(family, head) for family in ("bert", "roberta") for head in HEADS]
+                         + [(family, "ForSequenceClassification") for family in ADDED])
 def test_packed_equals_padded(family, head):
     padded, _ = make_server(family, head, packed=False)
     packed, _ = make_server(family, head, packed=True)
@@ -84,7 +86,7 @@ def test_packed_equals_padded(family, head):
         torch.testing.assert_close(a.output, b.output, **TOL)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra"])
 def test_prompt_depth_packed_equals_padded(family):
     """Layers without a prefix run plain attention within each packed sequence."""
     padded, _ = make_server(family, "ForSequenceClassification", packed=False, layers=[1])
@@ -97,12 +99,18 @@ def test_prompt_depth_packed_equals_padded(family):
 def test_packed_positions_match_the_padded_patch():
     ids = torch.tensor([5, 6, 7, 8, 1, 9])  # sequences [5, 6, 7] and [8, 1, 9]; 1 is RoBERTa's pad id
     cu = torch.tensor([0, 3, 6])
-    assert packed_positions(ids, cu, 4, None).tolist() == [4, 5, 6, 4, 5, 6]
-    assert packed_positions(ids, cu, 4, 1).tolist() == [6, 7, 8, 6, 1, 7]
+    bert, roberta = Positions(prefix_len=4, first=0, limit=40), Positions(4, first=2, limit=40, padding_idx=1)
+    assert bert.packed(ids, cu, segment_ids(cu), 3).tolist() == [4, 5, 6, 4, 5, 6]
+    assert roberta.packed(ids, cu, segment_ids(cu), 3).tolist() == [6, 7, 8, 6, 1, 7]
+    for positions in (bert, roberta):
+        padded = positions.padded(ids.view(2, 3), (2, 3), ids.device)
+        assert padded.flatten().tolist() == positions.packed(ids, cu, segment_ids(cu), 3).tolist()
+    with pytest.raises(ValueError, match="max_position_embeddings is 40"):
+        roberta.packed(ids, cu, segment_ids(cu), 35)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,packed", [("bert", False), ("bert", True), ("roberta", False), ("roberta", True),
+                                           ("electra", True)])
 def test_per_task_heads(family, packed):
     """A task with its own classifier weights gets them; tasks without use the model's classifier."""
     server, reference = make_server(family, "ForSequenceClassification", packed)

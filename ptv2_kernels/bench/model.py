@@ -23,6 +23,7 @@ import inspect
 import torch
 
 from .. import concat_prefix_attention
+from ..patching import family_named
 from . import kernel, measure
 from .configs import MODEL_CONFIGS, heads_and_dim
 
@@ -31,23 +32,24 @@ PROVIDERS = ("peft", CONCAT)
 QUICK_LAYERS = 2
 
 
-def _is_deberta(model_name: str) -> bool:
-    return MODEL_CONFIGS[model_name]["model_type"].startswith("deberta")
+def _family(model_name: str):
+    """The :class:`~ptv2_kernels.patching.base.ModelFamily` of ``model_name``'s embedded config."""
+    return family_named(MODEL_CONFIGS[model_name]["model_type"])
 
 
 def peft_refusal(model_name: str):
     """Why PEFT cannot prefix-tune ``model_name``'s model with the installed packages (None if it can): PEFT 0.21
     runs prefix tuning only through a backbone forward with a ``past_key_values`` parameter."""
-    if _is_deberta(model_name):
-        return "PEFT 0.21 prefix tuning refuses DeBERTa (no past_key_values support)"
+    family = _family(model_name)
+    if not family.peft_format_covers:
+        return f"PEFT 0.21 prefix tuning refuses {family.base_class} (no past_key_values support)"
     try:
         import peft
     except ImportError:
         return "PEFT is not installed (pip install -e '.[test]')"
     import transformers
 
-    backbone = {"bert": transformers.BertModel, "roberta": transformers.RobertaModel}[
-        MODEL_CONFIGS[model_name]["model_type"]]
+    backbone = family.base_model_classes()[0]
     if "past_key_values" not in inspect.signature(backbone.forward).parameters:
         return (f"PEFT {peft.__version__} refuses prefix tuning of {backbone.__name__} on transformers "
                 f"{transformers.__version__} (its forward has no past_key_values: renamed cache in 5.24)")
@@ -78,7 +80,7 @@ def skip_reason(provider: str, model_name: str, device: torch.device):
         return "needs ptv2_kernels.patch_model (SPEC §3), not in this version of the package"
     if provider == CONCAT:
         return None if reference_provider(model_name) == CONCAT else "PEFT is the concatenation baseline of this model"
-    return kernel.skip_reason(provider, "kernel-fwd", device, relative=_is_deberta(model_name))
+    return kernel.skip_reason(provider, "kernel-fwd", device, relative=_family(model_name).disentangled)
 
 
 def build_model(model_name: str, quick: bool, device, dtype):
@@ -92,8 +94,7 @@ def build_model(model_name: str, quick: bool, device, dtype):
     config = AutoConfig.for_model(model_type, **cfg, num_labels=2, hidden_dropout_prob=0.0,
                                   attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    attention = "eager" if _is_deberta(model_name) else "sdpa"  # transformers' DeBERTa has no sdpa attention
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attention)
+    model = AutoModelForSequenceClassification.from_config(config)  # sdpa where transformers has it (not DeBERTa)
     return model.to(device, dtype)
 
 

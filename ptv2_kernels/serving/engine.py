@@ -32,9 +32,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .. import patch_model
+from ..patching import patch_model
 from .heads import Head
-from .packed import PACKED_MODEL_TYPES, packed_forward
+from .packed import packed_forward
 
 log = logging.getLogger(__name__)
 
@@ -239,17 +239,12 @@ class PrefixServer:
         self.device, self.dtype = parameter.device, parameter.dtype
         self.encoder.to(self.dtype).requires_grad_(False)
         self.encoder.prefix.zero_()
-        self.packed = model.config.model_type in PACKED_MODEL_TYPES if packed is None else packed
+        self.packed = self.head.family.serves_packed if packed is None else packed
         self._packed_forward, self._base_forward = packed_forward, model.base_model
         if torch_compile:
             self._packed_forward = torch.compile(packed_forward, dynamic=True)
             self._base_forward = torch.compile(model.base_model, dynamic=True)
-        embeddings = model.base_model.embeddings
-        if embeddings.position_embeddings is None:  # DeBERTa with relative positions only
-            self.max_length = model.config.max_position_embeddings
-        else:
-            first_position = embeddings.padding_idx + 1 if model.config.model_type == "roberta" else 0
-            self.max_length = embeddings.position_embeddings.num_embeddings - first_position - prefix_len
+        self.max_length = self.head.family.max_length(model.base_model, prefix_len)
         if tokenizer is not None and tokenizer.model_max_length:
             self.max_length = min(self.max_length, tokenizer.model_max_length)
         self._slots: Dict[str, int] = {}
