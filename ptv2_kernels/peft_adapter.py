@@ -1,5 +1,6 @@
-"""PEFT prefix-tuning adapters for patched BERT/RoBERTa models: the directory ``PeftModel.save_pretrained``
-writes and ``PeftModel.from_pretrained`` reads, without PEFT installed.
+"""PEFT prefix-tuning adapters for patched models of the families PEFT's format covers
+(``ModelFamily.peft_format_covers``: BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA): the directory
+``PeftModel.save_pretrained`` writes and ``PeftModel.from_pretrained`` reads, without PEFT installed.
 
 Files (what PEFT writes for a ``PrefixTuningConfig``, byte for byte, for every PEFT the tests run: ``peft>=0.21``):
 - ``adapter_config.json``: the config's fields, sorted, indented by 2 (``peft_type`` ``PREFIX_TUNING``,
@@ -28,8 +29,8 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .patching import FAMILIES, patch_model, unpatch_model
 from .peft_support import peft_written_fields
-from .patching import patch_model, unpatch_model
 from .patching.base import STATE_ATTR
 from .prefix_encoder import PrefixEncoder, prefix_from_flat, prefix_to_flat
 
@@ -38,7 +39,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # the format written where PEFT is not installed (or refuses BERT): the files of the oldest PEFT the tests run (the
 # floor of the test extra's peft range), which every tested PEFT loads (tests/test_peft_adapter.py)
 FORMAT_PEFT_VERSION = "0.21.0"
-PEFT_MODEL_TYPES = ("bert", "roberta")
 PROMPT_KEY = "prompt_embeddings"
 FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 # head class suffix -> (PEFT task type, the head module PEFT saves, modules_to_save in the FORMAT_PEFT_VERSION
@@ -64,11 +64,15 @@ class PeftAdapter:
 
 
 def check_model_type(model_type: str, source) -> None:
-    """ValueError (with the reason) for a model type PEFT cannot prefix-tune."""
-    if model_type not in PEFT_MODEL_TYPES:
-        raise ValueError(f"{source}: PEFT refuses {model_type!r} (PEFT 0.21 prefix tuning needs a backbone forward "
-                         "with past_key_values, which DeBERTa's has not), so PEFT adapters exist for "
-                         f"{PEFT_MODEL_TYPES} models only; use save_prefix / load_prefix")
+    """ValueError (with the reason) for a model type whose family PEFT's prefix-tuning adapter format does not cover
+    (``ModelFamily.peft_format_covers``)."""
+    family = FAMILIES.get(model_type)
+    if family is None or not family.peft_format_covers:
+        covered = tuple(name for name, f in FAMILIES.items() if f.peft_format_covers)
+        reason = ("not a model family of ptv2_kernels" if family is None else "PEFT 0.21 prefix tuning needs a "
+                  f"backbone forward with past_key_values, which {family.base_class}'s has not")
+        raise ValueError(f"{source}: PEFT refuses {model_type!r} ({reason}), so PEFT adapters exist for {covered} "
+                         "models only; use save_prefix / load_prefix")
 
 
 def _mismatch(source, pairs: dict) -> None:

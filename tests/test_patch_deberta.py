@@ -199,7 +199,8 @@ def install_reference(reference, encoder, layers=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 def check_stock_parity(name, head, train, backend="torch"):
-    """P = 0: outputs on real tokens and every parameter's gradient equal stock transformers'."""
+    """P = 0: outputs on real tokens and every parameter's gradient equal stock transformers'. (The patch numbers
+    absolute positions for its P = 1, so both models get positions 0 … N-1 explicitly.)"""
     model = tiny_model(name, head)
     stock = copy.deepcopy(model)
     encoder = patch_model(model, 1, freeze_backbone=False, backend=backend)
@@ -207,6 +208,7 @@ def check_stock_parity(name, head, train, backend="torch"):
     model.train(train)
     stock.train(train)
     inputs = random_inputs(model, head=head)
+    inputs["position_ids"] = torch.arange(inputs["input_ids"].shape[-1]).expand(inputs["input_ids"].shape)
     actual = real_outputs(model(**inputs, output_hidden_states=True), inputs["attention_mask"])
     expected = real_outputs(stock(**inputs, output_hidden_states=True), inputs["attention_mask"])
     assert_close_lists(actual, expected)
@@ -371,7 +373,7 @@ def test_positions_shift_only_with_absolute_positions(monkeypatch):
     embeddings = model.base_model.embeddings.position_embeddings
     embeddings.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     model(**random_inputs(model))
-    assert torch.equal(seen[-1], torch.arange(PREFIX_LEN, PREFIX_LEN + SEQ_LEN)[None])
+    assert torch.equal(seen[-1], torch.arange(PREFIX_LEN, PREFIX_LEN + SEQ_LEN).expand(3, SEQ_LEN))
     model(**random_inputs(model), position_ids=torch.arange(SEQ_LEN)[None])
     assert torch.equal(seen[-1], torch.arange(SEQ_LEN)[None])
 

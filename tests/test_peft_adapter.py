@@ -1,5 +1,5 @@
-"""``export_peft_adapter`` / ``load_peft_adapter`` against the installed PEFT itself (CPU, tiny random
-BERT/RoBERTa; CI runs both ends of ``peft>=0.21``): the files written equal, byte for byte, what
+"""``export_peft_adapter`` / ``load_peft_adapter`` against the installed PEFT itself (CPU, tiny random BERT,
+RoBERTa, XLM-RoBERTa, ELECTRA; CI runs both ends of ``peft>=0.21``): the files written equal, byte for byte, what
 ``PeftModel.save_pretrained`` writes for the same weights; PEFT loads them with the patched model's outputs, also
 when written without PEFT installed; adapters PEFT saved load into a patched model with PEFT's outputs."""
 
@@ -16,13 +16,14 @@ from ptv2_kernels import export_peft_adapter, load_peft_adapter, patch_model, pe
 from ptv2_kernels.prefix_encoder import prefix_to_flat
 
 from . import test_patch_deberta as deberta_tests
-from .test_patch_bert import FAMILIES, PREFIX_LEN, random_inputs, real_outputs, tiny_model
+from .test_patch_bert import PREFIX_LEN, random_inputs, real_outputs, tiny_model
 
 TASKS = {"Model": TaskType.FEATURE_EXTRACTION, "ForSequenceClassification": TaskType.SEQ_CLS,
          "ForTokenClassification": TaskType.TOKEN_CLS, "ForQuestionAnswering": TaskType.QUESTION_ANS}
 HEAD_MODULES = {"ForSequenceClassification": "classifier", "ForTokenClassification": "classifier",
                 "ForQuestionAnswering": "qa_outputs"}
 TOL = dict(rtol=1e-4, atol=1e-5)
+FAMILIES = ["bert", "roberta", "xlm-roberta", "electra"]  # CamemBERT is XLM-RoBERTa's code under its name
 
 
 def peft_run(peft_model, inputs):

@@ -23,6 +23,7 @@ import contextlib
 import torch
 
 from .. import concat_prefix_attention
+from ..patching import family_named
 from ..peft_support import peft_prefix_tuning_refusal
 from . import kernel, measure
 from .configs import MODEL_CONFIGS, heads_and_dim
@@ -32,8 +33,9 @@ PROVIDERS = ("peft", CONCAT)
 QUICK_LAYERS = 2
 
 
-def _is_deberta(model_name: str) -> bool:
-    return MODEL_CONFIGS[model_name]["model_type"].startswith("deberta")
+def _family(model_name: str):
+    """The :class:`~ptv2_kernels.patching.base.ModelFamily` of ``model_name``'s embedded config."""
+    return family_named(MODEL_CONFIGS[model_name]["model_type"])
 
 
 def peft_refusal(model_name: str):
@@ -66,7 +68,7 @@ def skip_reason(provider: str, model_name: str, device: torch.device):
         return "needs ptv2_kernels.patch_model (SPEC §3), not in this version of the package"
     if provider == CONCAT:
         return None if reference_provider(model_name) == CONCAT else "PEFT is the concatenation baseline of this model"
-    return kernel.skip_reason(provider, "kernel-fwd", device, relative=_is_deberta(model_name))
+    return kernel.skip_reason(provider, "kernel-fwd", device, relative=_family(model_name).disentangled)
 
 
 def build_model(model_name: str, quick: bool, device, dtype):
@@ -80,8 +82,7 @@ def build_model(model_name: str, quick: bool, device, dtype):
     config = AutoConfig.for_model(model_type, **cfg, num_labels=2, hidden_dropout_prob=0.0,
                                   attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    attention = "eager" if _is_deberta(model_name) else "sdpa"  # transformers' DeBERTa has no sdpa attention
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attention)
+    model = AutoModelForSequenceClassification.from_config(config)  # sdpa where transformers has it (not DeBERTa)
     return model.to(device, dtype)
 
 
