@@ -204,31 +204,27 @@ def _attend_padded(backend: str, q, k, v, call: PaddedCall, deterministic: bool)
     return attend(backend, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, *rel, None, options)
 
 
-class PerForwardChecks:
-    """:func:`prefix_attention` for the layers of one model forward (a patched model makes one per forward), so
-    that the model checks once per forward instead of once per layer: the first call takes every check; a later
-    call whose q, k, v and prefix have the first one's :func:`~.validation.structure` and whose other arguments
-    are the same tensors and equal values skips them all and reuses the first call's checked mask, task ids and
-    scalars (with its own prefix and a fresh dropout seed). Calls with a bias or DeBERTa's terms (new tensors in
-    every layer), and traced calls (checked once at trace time anyway), take the op itself."""
-
-    def __init__(self):
-        self._first = None  # (structure of q, k, v and the prefix; the other arguments; their checked form)
-
-    def __call__(self, q, k, v, prefix_k, prefix_v, **kwargs) -> torch.Tensor:
-        if (torch.compiler.is_compiling() or kwargs.get("attn_bias") is not None
-                or kwargs.get("disentangled_bias") is not None):
-            return prefix_attention(q, k, v, prefix_k, prefix_v, **kwargs)
-        key = structure(q, k, v, prefix_k, prefix_v)
-        first = self._first
-        if first is None or key is None or key != first[0] or not _same_arguments(kwargs, first[1]):
-            backend, call, deterministic = _check_padded(q, k, v, prefix_k, prefix_v, **kwargs)
-            self._first = key, kwargs, (backend, call, deterministic)
-        else:
-            backend, call, deterministic = first[2]
-            bank_k, bank_v = prefix_bank(prefix_k, prefix_v)
-            call = call._replace(prefix_k=bank_k, prefix_v=bank_v)
-        return _attend_padded(backend, q, k, v, call, deterministic)
+def prefix_attention_checked_once(state: dict, q, k, v, prefix_k, prefix_v, **kwargs) -> torch.Tensor:
+    """:func:`prefix_attention` for the layers of one model forward, ``state`` a dict the forward keeps (a
+    patched model's :class:`~ptv2_kernels.patching.base.PrefixCall`), so that the model checks once per forward
+    instead of once per layer: the first call takes every check; a later call whose q, k, v and prefix have the
+    first one's :func:`~.validation.structure` and whose other arguments are the same tensors and equal values
+    skips them all and reuses the first call's checked mask, task ids and scalars (with its own prefix and a
+    fresh dropout seed). Calls with a bias or DeBERTa's terms (new tensors in every layer), and traced calls
+    (checked once at trace time anyway), take the op itself."""
+    if (torch.compiler.is_compiling() or kwargs.get("attn_bias") is not None
+            or kwargs.get("disentangled_bias") is not None):
+        return prefix_attention(q, k, v, prefix_k, prefix_v, **kwargs)
+    key = structure(q, k, v, prefix_k, prefix_v)
+    first = state.get("first")
+    if first is None or key is None or key != first[0] or not _same_arguments(kwargs, first[1]):
+        backend, call, deterministic = _check_padded(q, k, v, prefix_k, prefix_v, **kwargs)
+        state["first"] = key, kwargs, (backend, call, deterministic)
+    else:
+        backend, call, deterministic = first[2]
+        bank_k, bank_v = prefix_bank(prefix_k, prefix_v)
+        call = call._replace(prefix_k=bank_k, prefix_v=bank_v)
+    return _attend_padded(backend, q, k, v, call, deterministic)
 
 
 def _same_arguments(a: dict, b: dict) -> bool:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..ops import prefix_attention as op_module
-from ..ops.prefix_attention import PerForwardChecks, prefix_attention
+from ..ops.prefix_attention import prefix_attention, prefix_attention_checked_once
 from ..ops.validation import check_task_id_values
 from ..prefix_encoder import PrefixEncoder
 from . import compat
@@ -44,8 +44,8 @@ class PrefixCall:
     ``prefix``: the compact prefix ``[L', 2, H, P, D]`` or bank ``[T, L', 2, H, P, D]`` (evaluated once);
     ``key_padding_mask``: ``[B, N]`` bool, True = real token (None: no padding); ``task_ids``: ``[B]``
     int64 with a bank; ``prefix_dropout_p``: 0 in eval; ``slots``: the patched self-attention modules and
-    their prefix row; ``attended``: the rows that attended in this forward (checked after it); ``checks``:
-    :func:`~ptv2_kernels.prefix_attention` as the layers call it, its arguments checked once per forward.
+    their prefix row; ``attended``: the rows that attended in this forward (checked after it); ``checked``:
+    the first layer's checked arguments (:func:`~ptv2_kernels.ops.prefix_attention.prefix_attention_checked_once`).
     """
 
     prefix: torch.Tensor
@@ -55,7 +55,7 @@ class PrefixCall:
     backend: str
     slots: dict
     attended: set = field(default_factory=set)
-    checks: PerForwardChecks = field(default_factory=PerForwardChecks)  # the op, checked once per forward
+    checked: dict = field(default_factory=dict)  # what prefix_attention_checked_once keeps for this forward
 
     def attend(self, module: nn.Module, q, k, v, **op_kwargs) -> torch.Tensor:
         """``prefix_attention`` of ``q, k, v`` (``[B, H, N, D]``) over the prefix row of ``module``, the prefix
@@ -67,12 +67,12 @@ class PrefixCall:
         self.attended.add(slot)
         layer = self.prefix[slot] if self.task_ids is None else self.prefix[:, slot]
         layer = layer.to(q.dtype)
-        # this module's name prefix_attention is the op, unless a test or benchmark swapped in a baseline: run that
-        op = self.checks if prefix_attention is op_module.prefix_attention else prefix_attention
-        return op(
-            q, k, v, layer.select(-4, 0), layer.select(-4, 1), key_padding_mask=self.key_padding_mask,
-            task_ids=self.task_ids, prefix_dropout_p=self.prefix_dropout_p, backend=self.backend, **op_kwargs,
-        )
+        arguments = dict(key_padding_mask=self.key_padding_mask, task_ids=self.task_ids,
+                         prefix_dropout_p=self.prefix_dropout_p, backend=self.backend, **op_kwargs)
+        prefix_k, prefix_v = layer.select(-4, 0), layer.select(-4, 1)
+        if prefix_attention is not op_module.prefix_attention:  # a test or benchmark swapped in a baseline
+            return prefix_attention(q, k, v, prefix_k, prefix_v, **arguments)
+        return prefix_attention_checked_once(self.checked, q, k, v, prefix_k, prefix_v, **arguments)
 
 
 def take_call(kwargs: dict) -> PrefixCall:
