@@ -59,8 +59,9 @@ def test_model_modes(mode, tmp_path, capsys):
     assert HEADLINE.match(lines[-1]), lines[-1]
     bench = "train-step" if mode == "train" else "serve"
     assert all(r["bench"] == bench for r in doc["rows"])
-    assert "peft" in {r["provider"] for r in doc["rows"]}
-    assert all(r["max_err"] <= 1e-3 for r in doc["rows"])  # fused models (once patch_model exists) match PEFT
+    assert "peft" in {r["provider"] for r in doc["rows"]}  # PEFT runs BERT on both CI stacks (README's table)
+    assert "peft" not in {s["provider"] for s in doc["skipped"]}
+    assert all(r["max_err"] <= 1e-3 for r in doc["rows"])  # the fused models match PEFT
     skipped_fused = {s["provider"] for s in doc["skipped"] if s["provider"].startswith("fused-")}
     assert {r["provider"] for r in doc["rows"]} | skipped_fused >= {"fused-torch", "peft"}
 
@@ -130,16 +131,6 @@ def test_model_mode_falls_back_to_concat_where_peft_refuses(tmp_path, capsys, mo
         "PEFT refuses this transformers (simulated); the concatenation reference is concat-sdpa instead"]
     assert doc["headline"]["case"]["concat"] == "concat-sdpa"
     assert all(r["max_err"] <= 1e-3 for r in doc["rows"])
-
-
-def test_peft_refusal_reads_the_backbone_signature(monkeypatch):
-    import transformers
-
-    assert model.peft_refusal("bert-base") is None  # the tests' backbone shim (or a transformers before 5.24)
-    assert "refuses DebertaV2Model" in model.peft_refusal("deberta-v3-base")
-    monkeypatch.setattr(transformers.BertModel, "forward", lambda self, input_ids=None, cache=None, **kwargs: None)
-    assert f"refuses prefix tuning of BertModel on transformers {transformers.__version__}" in \
-        model.peft_refusal("bert-base")
 
 
 def test_serve_http_varied_workload_and_ratios():
