@@ -71,12 +71,15 @@ class ExtensionSpec:
         return CppExtension(self.module, extra_compile_args=list(self.cxx_flags), **common)
 
     def jit_name(self) -> str:
-        """Name of the first-use build: the stem and a hash of what decides the binary, so a cache shared by
-        venvs, source versions or machines never hands one a binary built for another."""
+        """Name of the first-use build: the stem and a hash of what decides the binary (sources, flags, torch and
+        its location, Python, the machine where it matters), so a cache shared by venvs, source versions or
+        machines never hands one a binary built for another, nor makes them rebuild each other's."""
         import torch
 
         digest = hashlib.sha1()
-        for part in (self.machine, torch.__version__, sys.version, *self.cxx_flags, *self.nvcc_flags, *self.ld_flags):
+        torch_install = os.path.dirname(torch.__file__)  # another venv's torch: a build of its own, no churn
+        for part in (self.machine, torch.__version__, torch_install, sys.version, *self.cxx_flags, *self.nvcc_flags,
+                     *self.ld_flags):
             digest.update(part.encode() + b"\0")
         for path in sorted(self.directory().iterdir()):
             if path.is_file():
