@@ -1,8 +1,8 @@
 """Host side of the CUDA backend: builds the hand-written kernels of ``ptv2_kernels/csrc/prefix_attention``
 (one description for both builds, ``ptv2_kernels/build_spec.py``: ahead of time through ``setup.py`` with
 ``PTV2_BUILD_CUDA=1``, else with ninja on first use from the installed package's sources, cached in torch's
-extension cache, ``TORCH_EXTENSIONS_DIR``) and runs them (:func:`cuda_forward`, :func:`cuda_backward`, called by the registered
-op of ``library.py``) with the semantics of the Triton backend. Importing this module never builds
+extension cache, ``TORCH_EXTENSIONS_DIR``) and runs them (:func:`cuda_forward`, :func:`cuda_backward`, called
+by the registered op of ``library.py``) with the semantics of the Triton backend. Importing this module never builds
 anything and never fails on a machine without CUDA; :func:`cuda_status` says whether the backend can run."""
 
 import functools
