@@ -21,6 +21,7 @@ import triton.language as tl  # noqa: E402
 from ptv2_kernels.kernels.prefix_attention_triton import _attention_keep, prefix_dropout_mask_kernel
 from ptv2_kernels.build_spec import cuda_spec
 from ptv2_kernels.ops import cuda_backend
+from ptv2_kernels.ops.common import Dropout, Options
 
 CSRC = cuda_spec().directory()
 KERNEL_FILES = sorted(CSRC.glob("*.cu"))
@@ -189,5 +190,5 @@ def test_cuda_status_reports_why_unavailable():
     assert not available
     assert "backend='cuda'" in reason and ("GPU" in reason or "nvcc" in reason)
     with pytest.raises(RuntimeError, match="backend='cuda'"):
-        cuda_backend.cuda_prefix_attention(*([torch.zeros(1, 1, 1, 16)] * 3), *([torch.zeros(1, 1, 1, 16)] * 2),
-                                           None, None, None)
+        cuda_backend.cuda_forward(*([torch.zeros(1, 1, 1, 16)] * 3), *([torch.zeros(1, 1, 1, 16)] * 2),
+                                  None, None, None, None, None, Options(1.0, Dropout()))

@@ -143,13 +143,13 @@ def test_deterministic_prefix_reduction(backend):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_backend_on_cpu_is_torch(monkeypatch):
-    """auto on CPU tensors runs the torch backend's fused C++ kernel."""
+def test_auto_backend_on_cpu_is_the_cpu_kernel(monkeypatch):
+    """auto on CPU tensors runs the fused C++ kernel (backend="cpu")."""
     from ptv2_kernels.ops import cpu_backend
 
     calls = []
-    original = cpu_backend.cpu_prefix_attention
-    monkeypatch.setattr(cpu_backend, "cpu_prefix_attention", lambda *a: calls.append(1) or original(*a))
+    original = cpu_backend.cpu_forward
+    monkeypatch.setattr(cpu_backend, "cpu_forward", lambda *a: calls.append(1) or original(*a))
     tensors, mask, task_ids, _ = make_inputs(1, 1, 4, 2, 16, torch.float32, device="cpu")
     prefix_attention(*tensors)
     assert calls == [1]

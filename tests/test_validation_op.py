@@ -181,7 +181,7 @@ SHARED = [
 # Arguments only the op has.
 OP_ONLY = [
     case(lambda: call(backend="flash"), ValueError, "backend", "backend must be one of ('auto', 'triton', 'cuda', "
-         "'torch', 'torch-ref'), got 'flash'"),
+         "'cpu', 'torch-ref') (or the old name 'torch'), got 'flash'"),
     case(lambda: call(backend=None), ValueError, "backend", "), got None"),
     case(lambda: call(backend="cuda"), ValueError, "backend", "backend='cuda' needs CUDA tensors",
          pytest.mark.skipif(not ON_CPU, reason="CUDA tensors are valid input for backend='cuda'")),

@@ -1,4 +1,5 @@
-"""Host side of the fused CPU kernels (``csrc/cpu``): what ``backend="torch"`` runs on CPU tensors.
+"""Host side of the fused CPU kernels (``csrc/cpu``): what ``backend="cpu"`` runs (the default on CPU tensors;
+``"torch"`` is its old name).
 
 The kernels (C++, ATen ``at::vec``, ``at::parallel_for``) do one online-softmax pass per query block over
 the prefix read from the compact ``[T, H, P, D]`` bank and then the sequence, skipping keys past a row's
@@ -15,11 +16,11 @@ build compiles for the machine it runs on: ``-O3 -march=native``, the ``CPU_CAPA
 instruction set torch uses here (``torch.backends.cpu.get_cpu_capability()``), which selects ATen's vectorised
 ``at::vec`` implementation (AVX512 or AVX2; scalar otherwise), and ``-fopenmp`` (``at::parallel_for`` is inline
 OpenMP code). Importing this module builds nothing and never fails; without a compiler or ninja (or with
-``PTV2_DISABLE_CPU_KERNEL=1``) :func:`use_cpu_kernel` says no, warning once, and ``backend="torch"`` runs the
+``PTV2_DISABLE_CPU_KERNEL=1``) :func:`use_cpu_kernel` says no, warning once, and ``backend="cpu"`` runs the
 pure-PyTorch composition (``backend="torch-ref"``) instead.
 
-``cpu_forward`` / ``cpu_backward`` are plain functions of tensors; the registered op (``library.py``) calls
-them.
+``cpu_forward`` / ``cpu_backward`` are plain functions of tensors; ``library.py`` calls them through the table
+of ``dispatch.py``.
 """
 
 import functools
@@ -99,12 +100,12 @@ def cpu_kernel_status() -> Tuple[bool, str]:
 
 @functools.lru_cache(maxsize=None)
 def _warn_fallback(reason: str) -> None:
-    warnings.warn(f"ptv2_kernels: the fused CPU kernel is unavailable ({reason}); backend='torch' runs the "
-                  "pure-PyTorch composition (backend='torch-ref') instead", RuntimeWarning, stacklevel=4)
+    warnings.warn(f"ptv2_kernels: the fused CPU kernel is unavailable ({reason}); backend='cpu' runs the "
+                  "pure-PyTorch composition (backend='torch-ref') instead", RuntimeWarning, stacklevel=5)
 
 
 def use_cpu_kernel(requested: str, device: torch.device) -> bool:
-    """Whether a call that asked for ``requested`` (``auto``/``torch``/``torch-ref``) on ``device`` runs the
+    """Whether a call that asked for ``requested`` (``auto``/``cpu``/``torch``/``torch-ref``) on ``device`` runs the
     fused CPU kernel: CPU tensors, not ``torch-ref``, and the extension is built (else a warning, once)."""
     return requested != "torch-ref" and device.type == "cpu" and _kernel_available()
 
@@ -190,30 +191,10 @@ def cpu_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relat
     c2p, p2c, p2c_rows = (None,) * 3 if relative is None else relative_tables(q, relative, options.scale, seq, True)
     wants = [bool(w) and t is not None for w, t in zip(relative_grads, (c2p, p2c))]
     dq, dk, dv, dpk, dpv, dbias, dc2p, dp2c = _extension().backward(
-        _unit_last(d_out), q, k, v, _unit_last(prefix_k), _unit_last(prefix_v), mask, task_ids, bias, cu_seqlens,
-        options.max_seqlen, out, lse, bias_grad, options.scale, dropout.seed, dropout.p, dropout.prefix_p,
+        _unit_last(d_out.to(q.dtype)), q, k, v, _unit_last(prefix_k), _unit_last(prefix_v), mask, task_ids, bias,
+        cu_seqlens, options.max_seqlen, out, lse, bias_grad, options.scale, dropout.seed, dropout.p, dropout.prefix_p,
         c2p, p2c, p2c_rows, *wants)
     dpos_key = _fold_table(dc2p, relative[0], relative[2][0], 1.0, seq) if wants[0] else None
     dpos_query = _fold_table(dp2c, relative[1], relative[2][1], options.scale, seq) if wants[1] else None
     return dq, dk, dv, dpk, dpv, dbias if bias_grad else None, dpos_key, dpos_query
 
-
-def cpu_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options,
-                         disentangled=None) -> torch.Tensor:
-    """Validated entry point of the fused CPU kernel (see :func:`ptv2_kernels.prefix_attention`);
-    ``disentangled``: a checked :class:`~ptv2_kernels.ops.disentangled.DisentangledBias` (its c2p/p2c are added
-    in-kernel from distance tables, no ``[B, H, N, N]`` tensor) or None."""
-    if bias is not None and bias.dtype != q.dtype:
-        bias = bias.to(q.dtype)
-    from .library import attend
-
-    rel = (None, None, None) if disentangled is None else disentangled.tensors
-    return attend("cpu", q, k, v, prefix_k, prefix_v, mask, task_ids, bias, *rel, None, options)
-
-
-def cpu_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options: Options) -> torch.Tensor:
-    """Validated entry point for packed rows (see :func:`ptv2_kernels.prefix_attention_varlen`): read in place,
-    no padding."""
-    from .library import attend
-
-    return attend("cpu", q, k, v, prefix_k, prefix_v, None, task_ids, None, None, None, None, cu_seqlens, options)

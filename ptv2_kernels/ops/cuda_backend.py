@@ -1,9 +1,12 @@
 """Host side of the CUDA backend: builds the hand-written kernels of ``ptv2_kernels/csrc/prefix_attention``
 (one description for both builds, ``ptv2_kernels/build_spec.py``: ahead of time through ``setup.py`` with
 ``PTV2_BUILD_CUDA=1``, else with ninja on first use from the installed package's sources, cached in torch's
-extension cache, ``TORCH_EXTENSIONS_DIR``) and runs them (:func:`cuda_forward`, :func:`cuda_backward`, called
-by the registered op of ``library.py``) with the semantics of the Triton backend. Importing this module never builds
-anything and never fails on a machine without CUDA; :func:`cuda_status` says whether the backend can run."""
+extension cache, ``TORCH_EXTENSIONS_DIR``) and runs them (:func:`cuda_forward`, :func:`cuda_backward`, which
+``library.py`` calls through the table of ``dispatch.py``) with the semantics of the Triton backend. Importing
+this module never builds anything and never fails on a machine without CUDA; :func:`cuda_status` says whether
+the backend can run. The kernels take no attention bias, DeBERTa terms or packed rows yet: the public op
+refuses those for this backend, so ``bias``, ``relative`` and ``cu_seqlens`` arrive as None (the signatures
+are the other backends')."""
 
 import functools
 import importlib
@@ -88,29 +91,23 @@ def _mask_u8(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if mask is None else mask.contiguous().view(torch.uint8)
 
 
-def cuda_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, options: Options):
+def cuda_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, options: Options):
     """``(out, lse)``: out ``[B, H, N, D]`` stored as ``[B, N, H, D]``, lse ``[B, H, N]`` float32. Inputs: q, k,
     v ``[B, H, N, D]`` (unit last stride); prefix_k, prefix_v contiguous ``[T, H, P, D]``; bool mask ``[B, N]``
     or None; task_ids ``[B]`` int64 or None."""
+    extension = _extension()  # a RuntimeError saying why, before anything touches the device
     with torch.cuda.device(q.device):
-        return _extension().forward(q, k, v, prefix_k, prefix_v, _mask_u8(mask), task_ids, **_kernel_args(options))
+        return extension.forward(q, k, v, prefix_k, prefix_v, _mask_u8(mask), task_ids, **_kernel_args(options))
 
 
-def cuda_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse, options: Options):
-    """``(dq, dk, dv, dprefix_k, dprefix_v)``: the prefix gradients reduced over the batch in float32 (atomics,
-    or a fixed order with ``options.deterministic``)."""
+def cuda_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, out, lse,
+                  options: Options, bias_grad: bool, relative_grads=(False, False)):
+    """``(dq, dk, dv, dprefix_k, dprefix_v, None, None, None)``: the prefix gradients reduced over the batch in
+    float32 (atomics, or a fixed order with ``options.deterministic``)."""
     if d_out.stride(-1) != 1:
         d_out = d_out.contiguous()
     with torch.cuda.device(q.device):
-        return _extension().backward(d_out, q, k, v, prefix_k, prefix_v, _mask_u8(mask), task_ids, out, lse,
-                                     deterministic=options.deterministic, **_kernel_args(options))
+        grads = _extension().backward(d_out, q, k, v, prefix_k, prefix_v, _mask_u8(mask), task_ids, out, lse,
+                                      deterministic=options.deterministic, **_kernel_args(options))
+    return (*grads, None, None, None)
 
-
-def cuda_prefix_attention(q, k, v, prefix_k, prefix_v, mask: Optional[torch.Tensor],
-                          task_ids: Optional[torch.Tensor], options: Options) -> torch.Tensor:
-    """Validated entry point of the CUDA backend (see :func:`ptv2_kernels.prefix_attention`), the registered
-    op; raises a RuntimeError saying why when the backend cannot run here (:func:`cuda_status`)."""
-    from .library import attend
-
-    _extension()
-    return attend("cuda", q, k, v, prefix_k, prefix_v, mask, task_ids, None, None, None, None, None, options)

@@ -1,5 +1,12 @@
-"""The prefix-attention op family, registered with ``torch.library`` so that ``torch.compile`` sees it as what
-it is: one opaque forward and one opaque backward per call, whatever the backend.
+"""How a validated call reaches its backend: a plain ``torch.autograd.Function`` in eager mode, the op family
+registered with ``torch.library`` while ``torch.compile`` traces (:func:`attend` picks).
+
+Eager calls skip the registered op because its Python dispatch costs more host time than a small kernel:
+``custom_op``'s dispatcher round trip (``backend_impl`` and dynamo's disable wrapper) in every forward, and in
+every backward the autograd bridge of ``register_autograd`` with its ``fill_defaults`` and redispatches (about
+60 µs forward and 300 µs forward+backward per call on the 2-core CI machine, against a C++ kernel of ~10-25 µs;
+``ptv2-bench --mode overhead`` measures it). Both paths run the same backend functions (the table of
+``dispatch.py``) and lay out their results alike, so compiled equals eager.
 
 - ``ptv2::prefix_attention_fwd`` / ``ptv2::prefix_attention_bwd``: every backend (``triton``, ``cuda``, ``cpu``
   = the fused C++ kernel, ``torch-ref`` = the PyTorch composition) and every variant (padded, packed
@@ -9,8 +16,8 @@ it is: one opaque forward and one opaque backward per call, whatever the backend
   their buffers.
 - ``ptv2::dropout_seed``: the 63-bit dropout seed of one call, drawn from torch's default CPU generator
   (``torch.manual_seed`` governs it, eager or compiled). It travels to both passes as an int64 tensor
-  argument, so a compiled graph draws exactly the seeds eager draws and never bakes one in; it is tagged
-  ``nondeterministic_seeded`` so that graph passes never merge two draws.
+  argument, so a compiled graph draws exactly the seeds eager draws (:func:`draw_seed`) and never bakes one in;
+  it is tagged ``nondeterministic_seeded`` so that graph passes never merge two draws.
 
 Outputs have fixed layouts, the ones the fused kernels write: padded ``[B, H, N, D]`` stored as ``[B, N, H, D]``
 (what transformers reshapes to hidden states without a copy), packed ``[total, H, D]`` contiguous; lse
@@ -18,14 +25,14 @@ Outputs have fixed layouts, the ones the fused kernels write: padded ``[B, H, N,
 backend keeps none (``torch-ref`` off its merged CPU-flash path). Missing gradients are empty tensors.
 """
 
+from dataclasses import replace
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from . import dispatch
 from .common import Dropout, Options
-
-BACKENDS = ("triton", "cuda", "cpu", "torch-ref")
 
 
 def _options(scale: float, dropout_p: float, prefix_dropout_p: float, seed: Tensor, deterministic: bool,
@@ -57,14 +64,6 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _keeps_lse(backend: str, q: Tensor, options: Options) -> bool:
-    if backend != "torch-ref":
-        return True
-    from .torch_backend import flash_merge_available
-
-    return flash_merge_available(q, options)
-
-
 def _lse_shape(q: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int):
     if cu_seqlens is None:
         return q.shape[0], q.shape[1], q.shape[2]
@@ -75,11 +74,67 @@ def _relative(pos_key, pos_query, rel_index):
     return None if rel_index is None else (pos_key, pos_query, rel_index)
 
 
+def _run_forward(backend: str, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index,
+                 cu_seqlens, options: Options) -> Tuple[Tensor, Tensor]:
+    """``(out, lse)`` of one call in the op's layouts (lse empty where the backend keeps none)."""
+    out, lse = dispatch.forward(backend)(q, k, v, prefix_k, prefix_v, mask, task_ids, bias,
+                                         _relative(pos_key, pos_query, rel_index), cu_seqlens, options)
+    lse = q.new_empty(0, dtype=_lse_dtype(q)) if lse is None else lse.to(_lse_dtype(q))
+    return _qkv_layout(out, cu_seqlens is not None), lse
+
+
+def _run_backward(backend: str, d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query,
+                  rel_index, cu_seqlens, out, lse, options: Options, wants: tuple) -> list:
+    """``[dq, dk, dv, dprefix_k, dprefix_v, dbias, dpos_key, dpos_query]`` of :func:`_run_forward`'s call: dq/dk/dv
+    in the q/k/v layout, the prefix gradients ``[T, H, P, D]`` contiguous in the prefix dtype, the last three in
+    their input's dtype where ``wants`` (three flags) asks for them, else None."""
+    grads = dispatch.backward(backend)(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias,
+                                       _relative(pos_key, pos_query, rel_index), cu_seqlens, out,
+                                       lse if lse.numel() else None, options, wants[0], wants[1:])
+    packed = cu_seqlens is not None
+    result = [_qkv_layout(g.to(q.dtype), packed) for g in grads[:3]]
+    result += [grads[3].to(prefix_k.dtype).contiguous(), grads[4].to(prefix_v.dtype).contiguous()]
+    result += [g.to(like.dtype).contiguous() if wanted else None
+               for g, like, wanted in zip(grads[5:], (bias, pos_key, pos_query), wants)]
+    return result
+
+
+# ----- eager mode ---------------------------------------------------------------------------------------------
+
+class _EagerPrefixAttention(torch.autograd.Function):
+    """The eager path: the backend's forward, and its backward through autograd's C++ engine, with no custom-op
+    dispatch in between. Arguments as :func:`attend`'s."""
+
+    @staticmethod
+    def forward(ctx, backend, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index,
+                cu_seqlens, options):
+        out, lse = _run_forward(backend, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query,
+                                rel_index, cu_seqlens, options)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index,
+                              cu_seqlens, out, lse)
+        ctx.backend, ctx.options = backend, options
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        *inputs, out, lse = ctx.saved_tensors
+        wants = ctx.needs_input_grad[8:11]  # bias, pos_key, pos_query
+        grads = _run_backward(ctx.backend, d_out, *inputs, out, lse, ctx.options, wants)
+        return (None, *grads[:5], None, None, *grads[5:], None, None, None)
+
+
+def draw_seed() -> Tensor:
+    """A fresh 63-bit dropout seed (0-dim int64 CPU tensor) from torch's default CPU generator."""
+    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+
+
+# ----- the registered ops (torch.compile) ---------------------------------------------------------------------
+
 @torch.library.custom_op("ptv2::dropout_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def dropout_seed(like: Tensor) -> Tensor:
-    """A fresh 63-bit seed (0-dim int64 CPU tensor) from torch's default CPU generator; ``like`` only orders
-    the draw after the tensor it is drawn for (a layer's q), as eager code runs."""
-    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+    """:func:`draw_seed` as an op; ``like`` only orders the draw after the tensor it is drawn for (a layer's q),
+    as eager code runs."""
+    return draw_seed()
 
 
 @dropout_seed.register_fake
@@ -93,34 +148,17 @@ def prefix_attention_fwd(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, pref
                          pos_query: Optional[Tensor], rel_index: Optional[Tensor], cu_seqlens: Optional[Tensor],
                          seed: Tensor, backend: str, scale: float, dropout_p: float, prefix_dropout_p: float,
                          deterministic: bool, max_seqlen: int) -> Tuple[Tensor, Tensor]:
-    """``(out, lse)`` of one validated call on ``backend`` (inputs as the backends' ``*_forward`` take them)."""
+    """``(out, lse)`` of one validated call on ``backend`` (inputs as the backends' forwards take them)."""
     options = _options(scale, dropout_p, prefix_dropout_p, seed, deterministic, max_seqlen)
-    relative = _relative(pos_key, pos_query, rel_index)
-    if backend == "triton":
-        from .triton_backend import triton_forward
-
-        out, lse = triton_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, options)
-    elif backend == "cpu":
-        from .cpu_backend import cpu_forward
-
-        out, lse = cpu_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, options)
-    elif backend == "cuda":
-        from .cuda_backend import cuda_forward
-
-        out, lse = cuda_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, options)
-    else:
-        from .torch_backend import torch_forward
-
-        out, lse = torch_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
-    lse = q.new_empty(0, dtype=_lse_dtype(q)) if lse is None else lse.to(_lse_dtype(q))
-    return _qkv_layout(out, cu_seqlens is not None), lse
+    return _run_forward(backend, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index,
+                        cu_seqlens, options)
 
 
 @prefix_attention_fwd.register_fake
 def _(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index, cu_seqlens, seed, backend,
       scale, dropout_p, prefix_dropout_p, deterministic, max_seqlen):
     options = Options(scale, Dropout(dropout_p, prefix_dropout_p), deterministic, max_seqlen)
-    shape = _lse_shape(q, cu_seqlens, max_seqlen) if _keeps_lse(backend, q, options) else (0,)
+    shape = _lse_shape(q, cu_seqlens, max_seqlen) if dispatch.keeps_lse(backend, q, options) else (0,)
     return _new_qkv(q, cu_seqlens is not None), q.new_empty(shape, dtype=_lse_dtype(q))
 
 
@@ -136,34 +174,9 @@ def prefix_attention_bwd(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_
     dq/dk/dv in the q/k/v layout, the prefix gradients ``[T, H, P, D]`` summed per task in the prefix dtype,
     the others in their input's shape and dtype where their flag asks for them, else empty."""
     options = _options(scale, dropout_p, prefix_dropout_p, seed, deterministic, max_seqlen)
-    relative = _relative(pos_key, pos_query, rel_index)
-    dbias = dpos_key = dpos_query = None
-    if backend == "triton":
-        from .triton_backend import triton_backward
-
-        dq, dk, dv, dpk, dpv, dbias, dpos_key, dpos_query = triton_backward(
-            d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, out, lse, options,
-            bias_grad, (pos_key_grad, pos_query_grad))
-    elif backend == "cpu":
-        from .cpu_backend import cpu_backward
-
-        dq, dk, dv, dpk, dpv, dbias, dpos_key, dpos_query = cpu_backward(
-            d_out.to(q.dtype), q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, out, lse,
-            options, bias_grad, (pos_key_grad, pos_query_grad))
-    elif backend == "cuda":
-        from .cuda_backend import cuda_backward
-
-        dq, dk, dv, dpk, dpv = cuda_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, out, lse, options)
-    else:
-        from .torch_backend import torch_backward
-
-        dq, dk, dv, dpk, dpv, dbias = torch_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out,
-                                                     lse if lse.numel() else None, options, bias_grad)
-    packed = cu_seqlens is not None
-    grads = [_qkv_layout(g.to(q.dtype), packed) for g in (dq, dk, dv)]
-    grads += [dpk.to(prefix_k.dtype).contiguous(), dpv.to(prefix_v.dtype).contiguous()]
-    grads += [_grad_or_empty(g, like) for g, like in ((dbias, bias), (dpos_key, pos_key), (dpos_query, pos_query))]
-    return _unaliased(grads)
+    grads = _run_backward(backend, d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query,
+                          rel_index, cu_seqlens, out, lse, options, (bias_grad, pos_key_grad, pos_query_grad))
+    return _unaliased([torch.empty(0) if g is None else g for g in grads])
 
 
 def _unaliased(outputs) -> tuple:
@@ -177,12 +190,6 @@ def _unaliased(outputs) -> tuple:
         seen.add(pointer)
         result.append(t)
     return tuple(result)
-
-
-def _grad_or_empty(grad: Optional[Tensor], like: Optional[Tensor]) -> Tensor:
-    if grad is None:
-        return torch.empty(0)
-    return grad.to(like.dtype).contiguous()
 
 
 @prefix_attention_bwd.register_fake
@@ -222,11 +229,20 @@ prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def attend(backend: str, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index,
            cu_seqlens, options: Options) -> Tensor:
-    """Run one validated call through the registered op: the output, differentiable in q, k, v, the prefix, and
-    (where given) bias and the relative embeddings. ``options.dropout.seed``: an int or a 0-dim int64 tensor
-    (from :func:`dropout_seed`)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    """Run one validated call on ``backend`` (a key of :data:`~ptv2_kernels.ops.dispatch.BACKENDS`): the output,
+    differentiable in q, k, v, the prefix, and (where given) bias and the relative embeddings.
+    ``options.dropout.seed``: an int or a 0-dim int64 tensor (from :func:`dropout_seed`). Eager calls run the
+    :class:`_EagerPrefixAttention` function (no autograd node when nothing needs a gradient), traced calls the
+    registered op."""
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {tuple(dispatch.BACKENDS)}, got {backend!r}")
+    if not torch.compiler.is_compiling():
+        if isinstance(options.dropout.seed, Tensor):
+            options = replace(options, dropout=replace(options.dropout, seed=int(options.dropout.seed)))
+        args = (q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index, cu_seqlens, options)
+        if torch.is_grad_enabled():
+            return _EagerPrefixAttention.apply(backend, *args)
+        return _run_forward(backend, *args)[0]
     seed = options.dropout.seed
     if not isinstance(seed, Tensor):
         seed = torch.tensor(seed, dtype=torch.int64)

@@ -8,7 +8,7 @@ Element ``x`` of a run of consecutive elements reads word ``x & 3`` of the call 
 - prefix key (value) element (b, h, position j, dim d): ``(d >> 2, j, b*H + h, 1)`` (stream 2 for values).
 
 The fused kernels compute the same words in-kernel (``csrc/cpu/philox.h``, the Triton and CUDA kernels);
-this module is what the pure-PyTorch reference path (``torch_backend.py``) draws its masks from. Words are
+this module is what the pure-PyTorch reference path (``torch_ref_backend.py``) draws its masks from. Words are
 uint32 values held in int64 tensors; the 32x32-bit products are split over the multiplier's 16-bit halves
 so that nothing exceeds 63 bits. Works on any device.
 """

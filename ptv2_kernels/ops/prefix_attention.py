@@ -8,31 +8,45 @@ from typing import Optional
 import torch
 
 from .common import Dropout, Options
+from .cpu_backend import use_cpu_kernel
 from .disentangled import DisentangledBias, bias_matrix
+from .library import attend, draw_seed, dropout_seed
+from .torch_ref_backend import pad_packed
 from .validation import (KERNEL_DTYPES, KERNEL_HEAD_DIMS, TORCH_DTYPES, Support, check_cu_seqlens,
                          check_disentangled, check_dtypes_and_devices, check_flag, check_padded_call, check_prefix,
                          check_probability, check_qkv, check_scale, check_task_ids, prefix_bank)
 
-BACKENDS = ("auto", "triton", "cuda", "torch", "torch-ref")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch-ref")
+OLD_NAMES = ("torch",)  # still accepted: cpu on CPU tensors, torch-ref on others
+
+
+def check_backend(backend) -> str:
+    """``backend`` if it is one of :data:`BACKENDS` or :data:`OLD_NAMES`, else a ``ValueError`` naming them."""
+    if backend not in BACKENDS and backend not in OLD_NAMES:
+        raise ValueError(f"backend must be one of {BACKENDS} (or the old name 'torch'), got {backend!r}")
+    return backend
 
 
 def backend_support(backend: str) -> Support:
     """The dtypes and head dims a resolved ``backend`` accepts (checked by :mod:`.validation`)."""
-    if backend == "torch":
+    if backend in ("cpu", "torch-ref"):
         return Support(TORCH_DTYPES, None, f"backend={backend!r}")
     return Support(KERNEL_DTYPES, KERNEL_HEAD_DIMS, f"backend={backend!r}")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs: ``auto`` is triton on a GPU and torch on the CPU. ``torch-ref`` (the
-    pure-PyTorch composition) is validated as and returned as ``torch``; the torch branch of the dispatch
-    picks the fused CPU kernel or the composition (:func:`~ptv2_kernels.ops.cpu_backend.use_cpu_kernel`)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch-ref":
-        return "torch"
-    if backend == "auto":  # triton until the CUDA kernels have been validated on a GPU
-        return "triton" if device.type == "cuda" else "torch"
+    """The backend that runs, a key of :data:`~ptv2_kernels.ops.dispatch.BACKENDS`: ``auto`` is triton on a GPU
+    and cpu on the CPU; ``torch`` (the old name) is cpu on CPU tensors and torch-ref elsewhere; cpu becomes
+    torch-ref (with a warning, once) where the fused C++ kernel cannot be built
+    (:func:`~ptv2_kernels.ops.cpu_backend.use_cpu_kernel`)."""
+    if check_backend(backend) == "auto":  # triton until the CUDA kernels have been validated on a GPU
+        backend = "triton" if device.type == "cuda" else "cpu"
+    elif backend == "torch":
+        backend = "cpu" if device.type == "cpu" else "torch-ref"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got q on {device}")
+        return backend if use_cpu_kernel(backend, device) else "torch-ref"
     if backend == "cuda":
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, got q on {device}")
@@ -52,13 +66,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _seed(q: torch.Tensor, dropout_p: float, prefix_dropout_p: float):
-    """A fresh 63-bit seed (0-dim int64 tensor) from torch's default CPU generator, drawn by the registered
-    ``ptv2::dropout_seed`` (so ``torch.manual_seed`` governs it, eager or compiled); 0 without dropout."""
+    """A fresh 63-bit seed from torch's default CPU generator (so ``torch.manual_seed`` governs it): an int in
+    eager mode, the 0-dim int64 tensor of the registered ``ptv2::dropout_seed`` while compiling (the same draw);
+    0 without dropout."""
     if dropout_p == 0.0 and prefix_dropout_p == 0.0:
         return 0
-    from .library import dropout_seed
-
-    return dropout_seed(q)
+    if torch.compiler.is_compiling():
+        return dropout_seed(q)
+    return int(draw_seed())
 
 
 def _options(q, scale, dropout_p, prefix_dropout_p, deterministic, max_seqlen=0) -> Options:
@@ -108,10 +123,11 @@ def prefix_attention(
         dropout_p: attention-probability dropout, prefix columns included (pass 0 in eval).
         prefix_dropout_p: P-Tuning v2 prefix dropout: an independent mask per batch row over the prefix
             K/V elements, drawn in-kernel (no ``[B, H, P, D]`` tensor on the fused backends).
-        backend: ``"auto"`` (triton on a GPU, torch on the CPU), ``"triton"`` (on CPU tensors under
-            the Triton interpreter), ``"cuda"``, ``"torch"`` (CPU tensors: the fused C++ kernel; CUDA tensors,
-            or no C++ compiler: the composition) or ``"torch-ref"`` (the pure-PyTorch composition, no
-            concatenation).
+        backend: ``"auto"`` (triton on a GPU, cpu on the CPU), ``"triton"`` (on CPU tensors under the
+            Triton interpreter), ``"cuda"``, ``"cpu"`` (the fused C++ kernel; where it cannot be built, a
+            warning and the composition) or ``"torch-ref"`` (the pure-PyTorch composition, no
+            concatenation). The old name ``"torch"`` is still accepted: cpu on CPU tensors, torch-ref on
+            others. Each name is a key of :data:`~ptv2_kernels.ops.dispatch.BACKENDS`, which names its module.
         deterministic: reduce the prefix gradients over the batch in a fixed order instead of with
             atomics (also on when ``torch.use_deterministic_algorithms(True)``); ``disentangled_bias`` is then
             materialised (its fused gradient uses atomics).
@@ -142,42 +158,25 @@ def prefix_attention(
     shared prefix's gradient sums every row's).
     """
     check_qkv(q, k, v)
-    requested, backend = backend, resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device)
     call = check_padded_call(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, task_ids=task_ids,
                              attn_bias=attn_bias, disentangled_bias=disentangled_bias, scale=scale,
                              dropout_p=dropout_p, prefix_dropout_p=prefix_dropout_p, support=backend_support(backend))
     prefix_k, prefix_v, mask, task_ids = call.prefix_k, call.prefix_v, call.mask, call.task_ids
     bias, disentangled = call.bias, call.disentangled
     options = _options(q, call.scale, call.dropout_p, call.prefix_dropout_p, deterministic)
-    if backend == "cuda":
-        if bias is not None or disentangled is not None:
-            raise ValueError("attn_bias and disentangled_bias are not supported by backend='cuda' yet; use "
-                             "backend='triton' or 'torch'")
-        from .cuda_backend import cuda_prefix_attention
-
-        return cuda_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, options)
-    cpu_kernel = False
-    if backend == "torch":
-        from .cpu_backend import use_cpu_kernel
-
-        cpu_kernel = use_cpu_kernel(requested, q.device)
-    if disentangled is not None and not cpu_kernel and (backend == "torch" or options.deterministic):
-        # the per-distance atomics of the fused gradient are not reproducible: deterministic runs materialise
+    if backend == "cuda" and (bias is not None or disentangled is not None):
+        raise ValueError("attn_bias and disentangled_bias are not supported by backend='cuda' yet; use "
+                         "backend='triton' or 'cpu'")
+    if backend == "cpu" and bias is not None and bias.dtype != q.dtype:
+        bias = bias.to(q.dtype)
+    if disentangled is not None and (backend == "torch-ref" or (backend == "triton" and options.deterministic)):
+        # the per-distance atomics of Triton's fused gradient are not reproducible: deterministic runs materialise
         # (the CPU kernel gathers the terms itself and reduces in a fixed order)
         relative = bias_matrix(q, k, disentangled, options.scale)
         bias, disentangled = relative if bias is None else bias + relative, None
-    if cpu_kernel:
-        from .cpu_backend import cpu_prefix_attention
-
-        return cpu_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options, disentangled)
-    if backend == "torch":
-        from .torch_backend import torch_prefix_attention
-
-        return torch_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
-    from .triton_backend import triton_prefix_attention
-
-    return triton_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options,
-                                   disentangled=disentangled)
+    rel = (None, None, None) if disentangled is None else disentangled.tensors
+    return attend(backend, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, *rel, None, options)
 
 
 def prefix_attention_varlen(
@@ -218,12 +217,12 @@ def prefix_attention_varlen(
 
     Returns:
         ``[total_tokens, H, D]``, differentiable in q, k, v, prefix_k and prefix_v. The Triton backend and
-        the fused CPU kernel (``backend="torch"``) read the packed tokens in place; ``torch-ref`` pads, attends
+        the fused CPU kernel (``backend="cpu"``) read the packed tokens in place; ``torch-ref`` pads, attends
         and unpacks.
     """
     check_qkv(q, k, v, layout="[total_tokens, H, D]")
     check_prefix(q, prefix_k, prefix_v)
-    requested, backend = backend, resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device)
     check_dtypes_and_devices(q, {"k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v},
                              backend_support(backend))
     cu_seqlens, max_seqlen = check_cu_seqlens(q, cu_seqlens, max_seqlen)
@@ -234,23 +233,20 @@ def prefix_attention_varlen(
     options = _options(q, check_scale(scale, q.shape[-1]), check_probability("dropout_p", dropout_p),
                        check_probability("prefix_dropout_p", prefix_dropout_p), deterministic, max_seqlen)
     prefix_k, prefix_v = prefix_bank(prefix_k, prefix_v)
-    if backend == "torch":
-        from .cpu_backend import cpu_prefix_attention_varlen, use_cpu_kernel
-        from .torch_backend import torch_prefix_attention_varlen
-
-        if disentangled is None and use_cpu_kernel(requested, q.device):
-            return cpu_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options)
-        # packed DeBERTa rows: the composition materialises the terms on its padded rows
-        return torch_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options, disentangled)
+    if backend == "cpu" and disentangled is not None:  # packed DeBERTa rows: the composition on padded rows
+        backend = "torch-ref"
+    if backend == "torch-ref":
+        (q, k, v), mask, real_tokens = pad_packed(cu_seqlens, max_seqlen, q, k, v)
+        bias = None if disentangled is None else bias_matrix(q, k, disentangled, options.scale)
+        out = attend(backend, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, None, None, None, None, options)
+        return out.transpose(1, 2)[real_tokens]
     if backend == "cuda":
         raise ValueError("packed sequences (prefix_attention_varlen) are not supported by backend='cuda' yet; use "
-                         "backend='triton' or 'torch'")
+                         "backend='triton' or 'cpu'")
     if (disentangled is not None and options.deterministic and torch.is_grad_enabled()
             and any(t is not None and t.requires_grad for t in (disentangled.pos_key, disentangled.pos_query))):
         raise ValueError("prefix_attention_varlen with disentangled_bias and deterministic reductions cannot "
-                         "differentiate the relative embeddings on backend='triton' (atomics); use backend='torch' "
+                         "differentiate the relative embeddings on backend='triton' (atomics); use backend='cpu' "
                          "or the padded prefix_attention")
-    from .triton_backend import triton_prefix_attention
-
-    return triton_prefix_attention(q, k, v, prefix_k, prefix_v, None, task_ids, None, options, cu_seqlens,
-                                   disentangled=disentangled)
+    rel = (None, None, None) if disentangled is None else disentangled.tensors
+    return attend(backend, q, k, v, prefix_k, prefix_v, None, task_ids, None, *rel, cu_seqlens, options)

@@ -1,5 +1,6 @@
 """Host side of the Triton backend: launches the kernels of ``kernels/prefix_attention_triton.py``
-(:func:`triton_forward`, :func:`triton_backward`, which the registered op of ``library.py`` calls). Inputs
+(:func:`triton_forward`, :func:`triton_backward`, which ``library.py`` calls through the table of
+``dispatch.py``). Inputs
 arrive validated (``prefix_attention.py``).
 
 q, k, v are either padded ``[B, H, N, D]`` or, with ``cu_seqlens``, packed ``[total_tokens, H, D]``
@@ -427,15 +428,3 @@ def triton_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, re
     return (dq, dk, dv, dprefix[0], dprefix[1], dbias, _fold_distances(dist_key, pos_key, index[0], options.scale),
             _fold_distances(dist_query, pos_query, index[1], options.scale))
 
-
-def triton_prefix_attention(q, k, v, prefix_k, prefix_v, mask: Optional[torch.Tensor],
-                            task_ids: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                            options: Options, cu_seqlens: Optional[torch.Tensor] = None,
-                            disentangled=None) -> torch.Tensor:
-    """Validated entry point of the Triton backend (see :func:`ptv2_kernels.prefix_attention` and
-    :func:`ptv2_kernels.prefix_attention_varlen`): the registered op; ``disentangled`` a checked
-    DisentangledBias or None."""
-    from .library import attend
-
-    rel = (None, None, None) if disentangled is None else disentangled.tensors
-    return attend("triton", q, k, v, prefix_k, prefix_v, mask, task_ids, bias, *rel, cu_seqlens, options)

@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 from torch import nn
 
 from ..errors import CheckpointError
-from ..ops.prefix_attention import BACKENDS
+from ..ops.prefix_attention import BACKENDS, check_backend
 from ..prefix_encoder import PrefixConfig, PrefixEncoder, read_prefix_file
 from . import compat
 from .base import (ENCODER_ATTR, STATE_ATTR, ModelFamily, PatchState, check_attended_hook, clear_task_ids_hook,
@@ -61,9 +61,7 @@ def _flag(name: str, value) -> bool:
 def _backend(value) -> str:
     if not isinstance(value, str):
         raise TypeError(f"backend must be a str, one of {BACKENDS}, got {value!r} ({type(value).__name__})")
-    if value not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
-    return value
+    return check_backend(value)
 
 
 def _dropout(value, default: float) -> float:

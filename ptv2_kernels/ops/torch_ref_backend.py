@@ -1,7 +1,8 @@
-"""Pure-PyTorch prefix attention: the readable statement of SPEC §1 and the reference path.
+"""Pure-PyTorch prefix attention (``backend="torch-ref"``): the readable statement of SPEC §1 and the reference
+path.
 
-``backend="torch-ref"`` runs it; so does ``backend="torch"`` on CUDA tensors, and on the CPU when the fused
-C++ kernel (``cpu_backend.py``) cannot be built. The prefix and the sequence are scored as two blocks,
+The old name ``backend="torch"`` runs it on CUDA tensors; ``backend="cpu"`` (and ``auto`` on the CPU) runs it
+when the fused C++ kernel (``cpu_backend.py``) cannot be built. The prefix and the sequence are scored as two blocks,
 ``q @ prefix_k^T`` ``[B, H, N, P]`` and ``q @ k^T`` ``[B, H, N, N]``, laid side by side for one softmax; the
 probabilities are then split again and multiplied with ``prefix_v`` and ``v`` separately. The keys and values
 themselves are never concatenated, and a shared prefix ``[H, P, D]`` is applied per head with the batch
@@ -21,7 +22,6 @@ import torch
 
 from . import philox
 from .common import Dropout, Options, prefix_rows, reduce_prefix_grad
-from .disentangled import bias_matrix
 
 
 def _prefix_matmul(x: torch.Tensor, prefix: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -142,7 +142,7 @@ _FLASH_CPU = "_scaled_dot_product_flash_attention_for_cpu"
 
 
 def flash_merge_available(q: torch.Tensor, options: Options) -> bool:
-    """Whether :func:`torch_forward` takes the merged CPU-flash path (and returns an lse)."""
+    """Whether :func:`torch_ref_forward` takes the merged CPU-flash path (and returns an lse)."""
     return (q.device.type == "cpu" and options.dropout.p == 0.0
             and hasattr(torch.ops.aten, _FLASH_CPU + "_backward"))
 
@@ -202,10 +202,12 @@ def _merged_backward(d_out, q, k, v, out, lse, prefix: _Prefix, mask, bias, opti
     return dq.to(dq_prefix.dtype) + dq_prefix, dk, dv, dpk, dpv, None
 
 
-def torch_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options):
+def torch_ref_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, options: Options):
     """``(out, lse)``: out ``[B, H, N, D]`` in q's dtype; lse ``[B, H, N]`` of the merged CPU-flash path (what
     its backward reuses) or None. Inputs: q, k, v ``[B, H, N, D]``; prefix ``[T, H, P, D]``; bool mask ``[B, N]``
-    or None; task_ids ``[B]`` or None; attention bias ``[B, H, N, N]`` or None."""
+    or None; task_ids ``[B]`` or None; attention bias ``[B, H, N, N]`` or None. Padded rows only, DeBERTa's
+    terms materialised into ``bias``: ``relative`` and ``cu_seqlens`` are None (the public op pads packed rows
+    with :func:`pad_packed` and materialises the terms)."""
     attn_keep, keep_k, keep_v = _dropout_masks(q, prefix_k.shape[2], options.dropout)
     prefix = _prefix(prefix_k, prefix_v, task_ids, q.shape[0], keep_k, keep_v, options.dropout.prefix_p)
     if flash_merge_available(q, options):
@@ -217,10 +219,10 @@ def torch_forward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Op
     return out.to(q.dtype), lse
 
 
-def torch_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out, lse, options: Options,
-                   bias_grad: bool):
-    """``(dq, dk, dv, dprefix_k, dprefix_v, dbias)`` for :func:`torch_forward`'s call: dq/dk/dv in q's dtype,
-    the prefix gradients ``[T, H, P, D]`` summed per task in the prefix dtype, dbias (bias dtype) if
+def torch_ref_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, relative, cu_seqlens, out, lse,
+                       options: Options, bias_grad: bool, relative_grads=(False, False)):
+    """``(dq, dk, dv, dprefix_k, dprefix_v, dbias, None, None)`` for :func:`torch_ref_forward`'s call: dq/dk/dv in
+    q's dtype, the prefix gradients ``[T, H, P, D]`` summed per task in the prefix dtype, dbias (bias dtype) if
     ``bias_grad`` else None. The probabilities and dropout masks are recomputed."""
     attn_keep, keep_k, keep_v = _dropout_masks(q, prefix_k.shape[2], options.dropout)
     prefix = _prefix(prefix_k, prefix_v, task_ids, q.shape[0], keep_k, keep_v, options.dropout.prefix_p)
@@ -235,33 +237,24 @@ def torch_backward(d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, out
     dpk = reduce_prefix_grad(_drop(dpk, keep_k, prefix_p), task_ids, num_tasks)
     dpv = reduce_prefix_grad(_drop(dpv, keep_v, prefix_p), task_ids, num_tasks)
     dbias = dbias.to(bias.dtype) if bias_grad else None
-    return (*(g.to(q.dtype) for g in (dq, dk, dv)), dpk.to(prefix_k.dtype), dpv.to(prefix_k.dtype), dbias)
+    return (*(g.to(q.dtype) for g in (dq, dk, dv)), dpk.to(prefix_k.dtype), dpv.to(prefix_k.dtype), dbias, None, None)
 
 
-def torch_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options: Options) -> torch.Tensor:
-    """Validated entry point of ``torch-ref`` (see :func:`ptv2_kernels.prefix_attention`): the registered op."""
-    from .library import attend
 
-    return attend("torch-ref", q, k, v, prefix_k, prefix_v, mask, task_ids, bias, None, None, None, None, options)
-
-
-def torch_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, task_ids, options: Options,
-                                  disentangled=None):
-    """Packed ``[total, H, D]`` rows (``cu_seqlens``) through the padded path: scatter into
-    ``[B, N, H, D]`` with a key padding mask, attend, gather the real tokens back (all differentiable).
-    ``disentangled``: a checked DisentangledBias or None, materialised on the padded rows."""
+def pad_packed(cu_seqlens: torch.Tensor, max_seqlen: int, *packed: torch.Tensor):
+    """Packed ``[total, H, D]`` rows (``cu_seqlens``) as padded ``[B, H, max_seqlen, D]`` tensors (a
+    differentiable scatter), the ``[B, max_seqlen]`` key padding mask, and the ``(row, position)`` index that
+    gathers the real tokens back from a padded ``[B, N, H, D]`` result."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     batch = lengths.shape[0]
-    row = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths)
-    position = torch.arange(q.shape[0], device=q.device) - cu_seqlens[row]
+    device = cu_seqlens.device
+    row = torch.repeat_interleave(torch.arange(batch, device=device), lengths)
+    position = torch.arange(packed[0].shape[0], device=device) - cu_seqlens[row]
 
     def pad(x):
-        padded = x.new_zeros(batch, options.max_seqlen, *x.shape[1:])
+        padded = x.new_zeros(batch, max_seqlen, *x.shape[1:])
         return padded.index_put((row, position), x).transpose(1, 2)
 
-    mask = torch.zeros(batch, options.max_seqlen, dtype=torch.bool, device=q.device)
+    mask = torch.zeros(batch, max_seqlen, dtype=torch.bool, device=device)
     mask[row, position] = True
-    q, k, v = pad(q), pad(k), pad(v)
-    bias = None if disentangled is None else bias_matrix(q, k, disentangled, options.scale)
-    out = torch_prefix_attention(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, options)
-    return out.transpose(1, 2)[row, position]
+    return [pad(x) for x in packed], mask, (row, position)
