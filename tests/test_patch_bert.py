@@ -1,7 +1,7 @@
 """patch_model / unpatch_model on tiny random models of the BERT layout: BERT, RoBERTa, XLM-RoBERTa, CamemBERT and
 ELECTRA (CPU, no downloads).
 
-The outside reference is PEFT 0.21 ``PrefixTuningConfig`` loaded with the same prefix (its
+The outside reference is PEFT's ``PrefixTuningConfig`` loaded with the same prefix (its
 ``prompt_embeddings`` ``[P, 2·L·hidden]`` is the flat layout). Every comparison uses fresh random inputs
 with padding; outputs are compared on real tokens only (padded query rows may hold any finite value)."""
 
@@ -19,6 +19,8 @@ from ptv2_kernels import load_prefix, patch_model, save_prefix, unpatch_model
 from ptv2_kernels.patching import base as patching_base
 from ptv2_kernels.prefix_encoder import prefix_from_flat, prefix_to_flat
 
+from .prefix_references import cache_argument, enable_activation_checkpointing
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # model type -> transformers' class-name prefix. The families added on the BERT layout (XLM-RoBERTa, CamemBERT,
@@ -30,7 +32,7 @@ FAMILY_OVERRIDES = {"electra": dict(embedding_size=24, summary_last_dropout=0.0)
 HEADS = ["Model", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
          "ForMultipleChoice", "ForMaskedLM"]
 # PEFT task types whose PeftModel forward adds the prefix itself; the other heads get PEFT's prompt
-# (get_prompt, a DynamicCache) passed as past_key_values with the mask widened by P ones, as PEFT does.
+# (get_prompt, a DynamicCache) passed as the cache argument with the mask widened by P ones, as PEFT does.
 PEFT_TASKS = {"Model": TaskType.FEATURE_EXTRACTION, "ForSequenceClassification": TaskType.SEQ_CLS,
               "ForTokenClassification": TaskType.TOKEN_CLS, "ForQuestionAnswering": TaskType.QUESTION_ANS}
 PREFIX_LEN = 4
@@ -105,7 +107,7 @@ def peft_reference(model, head, **prefix_options):
         rows = mask.reshape(-1, mask.shape[-1]).shape[0]
         ones = torch.ones(*mask.shape[:-1], PREFIX_LEN, dtype=mask.dtype)
         return reference(input_ids=inputs["input_ids"], attention_mask=torch.cat([ones, mask], dim=-1),
-                         past_key_values=peft_model.get_prompt(rows))
+                         **{cache_argument(reference): peft_model.get_prompt(rows)})
 
     return peft_model, run
 
@@ -461,7 +463,7 @@ def test_gradient_checkpointing_and_call_outside_model():
     weighted_sum([expected]).backward()
     grad = encoder.prefix.grad.clone()
     encoder.prefix.grad = None
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model, {"use_reentrant": False})
     logits = model(**inputs).logits
     weighted_sum([logits]).backward()
     torch.testing.assert_close(logits, expected)

@@ -146,6 +146,7 @@ def test_model_level_use_of_the_name_is_refused():
         model(**random_inputs(model))
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # the old name, on purpose
 @pytest.mark.parametrize("argument", ["past_key_values", "cache"])
 def test_a_cache_is_refused(argument):
     model = tiny_model("bert")

@@ -23,6 +23,7 @@ import transformers
 from ptv2_kernels import load_prefix, patch_model, save_prefix, unpatch_model
 from ptv2_kernels.patching import base as patching_base
 
+from .prefix_references import enable_activation_checkpointing
 from .test_patch_bert import (assert_bank_rows_match_single_task_models, assert_unpatch_is_bit_identical,
                               real_outputs, weighted_sum)
 
@@ -397,7 +398,7 @@ def test_gradient_checkpointing():
     encoders = [patch_model(m, PREFIX_LEN) for m in (model, checkpointed)]
     with torch.no_grad():
         encoders[1].prefix.copy_(encoders[0].prefix)
-    checkpointed.gradient_checkpointing_enable()
+    enable_activation_checkpointing(checkpointed)
     inputs = random_inputs(model)
     for m in (model, checkpointed):
         m.train()

@@ -4,6 +4,7 @@ the background batcher."""
 
 import ptv2_kernels  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported on a CPU machine)
 
+import asyncio
 import copy
 import os
 import threading
@@ -15,6 +16,7 @@ import transformers
 from ptv2_kernels import patch_model
 from ptv2_kernels.serving import PrefixServer, Request
 from ptv2_kernels.patching.positions import Positions
+from ptv2_kernels.serving.engine import RequestsRefused
 from ptv2_kernels.serving.packed import segment_ids
 
 from .test_patch_bert import PREFIX_LEN, tiny_model
@@ -199,6 +201,40 @@ def test_submit_batches_concurrent_requests():
     try:
         for future, want in zip(futures, expected):
             torch.testing.assert_close(future.result(timeout=60).output, want.output, **TOL)
+    finally:
+        server.close()
+
+
+def test_cancelled_requests_leave_the_queue_unrun():
+    """A cancelled future (a submit's, or the requests of a cancelled predict_async) leaves the queue at once and
+    is counted; the batch formed after it holds only the live requests; all_or_none refuses without queueing."""
+    server, _ = make_server("bert", "ForSequenceClassification", packed=True, max_wait_ms=300)
+    ran = []
+    server.on_batch(lambda stats: ran.append(stats.rows))
+    requests = random_requests(server.tasks(), count=6, seed=8)
+    try:
+        futures = [server.submit(r) for r in requests[:3]]
+        assert server.queue_depth == 3 and futures[0].cancel() and futures[2].cancel()
+        assert server.queue_depth == 1 and server.cancelled_requests == 2
+
+        async def abandoned():
+            task = asyncio.ensure_future(server.predict_async(requests[3:]))
+            while server.queue_depth < 4:
+                await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return server.queue_depth
+
+        assert asyncio.run(abandoned()) == 1 and server.cancelled_requests == 5
+        torch.testing.assert_close(futures[1].result(timeout=60).output, server.predict([requests[1]])[0].output,
+                                   **TOL)
+        assert ran == [1, 1]  # the queued batch, then predict's
+        with pytest.raises(RequestsRefused) as refused:
+            asyncio.run(server.predict_async([requests[0], Request("nope", input_ids=[3]), requests[1],
+                                              Request("task0", input_ids=[3, 999])], all_or_none=True))
+        assert [(i, r.code) for i, r in refused.value.failed] == [(1, "unknown_task"), (3, "invalid_input")]
+        assert server.queue_depth == 0 and ran == [1, 1]
     finally:
         server.close()
 

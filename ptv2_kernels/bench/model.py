@@ -1,5 +1,5 @@
 """``train`` and ``serve`` modes: a whole sequence-classification model with random weights, patched
-with :func:`ptv2_kernels.patch_model` (``fused-*`` providers) or wrapped by PEFT 0.21 prefix tuning
+with :func:`ptv2_kernels.patch_model` (``fused-*`` providers) or wrapped by PEFT prefix tuning
 (``peft``: the concatenation through a ``DynamicCache`` that users run today, sdpa attention).
 
 ``train-step``: forward, backward and an AdamW step on the trainable parameters (prefix and head).
@@ -9,21 +9,22 @@ paid in the untimed first call), as ``<provider>+compile`` rows next to the eage
 configs so every provider computes the same function: the fused models get PEFT's prefix values and
 their loss (train) or logits (serve) are checked against PEFT's.
 
-PEFT refuses DeBERTa, and PEFT 0.21 refuses BERT/RoBERTa on transformers >= 5.24 (their forward's
-``past_key_values`` became ``cache``; PEFT looks for the old name). Then the concatenation reference is
-``concat-sdpa``: the same patched model with every layer's prefix attention swapped for
-:func:`ptv2_kernels.concat_prefix_attention` (prefix expanded over the batch and concatenated, c2p + p2c
-materialised as transformers does, SDPA), and the ``peft`` provider is listed as skipped with the reason
-(``results.json``/``results.md``: which reference ran and why). Those providers start from one seeded random prefix.
+Whether PEFT runs the model is found by trying it with the installed packages
+(:mod:`ptv2_kernels.peft_support`; the README states the outcomes per version range). Where PEFT refuses the
+model, the concatenation reference is ``concat-sdpa``: the same patched model with every layer's prefix
+attention swapped for :func:`ptv2_kernels.concat_prefix_attention` (prefix expanded over the batch and
+concatenated, c2p + p2c materialised as transformers does, SDPA), and the ``peft`` provider is listed as skipped
+with PEFT's reason (``results.json``/``results.md``: which reference ran and why). Those providers start from one
+seeded random prefix.
 """
 
 import contextlib
-import inspect
 
 import torch
 
 from .. import concat_prefix_attention
 from ..patching import family_named
+from ..peft_support import peft_prefix_tuning_refusal
 from . import kernel, measure
 from .configs import MODEL_CONFIGS, heads_and_dim
 
@@ -38,22 +39,9 @@ def _family(model_name: str):
 
 
 def peft_refusal(model_name: str):
-    """Why PEFT cannot prefix-tune ``model_name``'s model with the installed packages (None if it can): PEFT 0.21
-    runs prefix tuning only through a backbone forward with a ``past_key_values`` parameter."""
-    family = _family(model_name)
-    if not family.peft_format_covers:
-        return f"PEFT 0.21 prefix tuning refuses {family.base_class} (no past_key_values support)"
-    try:
-        import peft
-    except ImportError:
-        return "PEFT is not installed (pip install -e '.[test]')"
-    import transformers
-
-    backbone = family.base_model_classes()[0]
-    if "past_key_values" not in inspect.signature(backbone.forward).parameters:
-        return (f"PEFT {peft.__version__} refuses prefix tuning of {backbone.__name__} on transformers "
-                f"{transformers.__version__} (its forward has no past_key_values: renamed cache in 5.24)")
-    return None
+    """Why the installed PEFT cannot prefix-tune ``model_name``'s model type on the installed transformers (None
+    if it can), found by trying it (:mod:`ptv2_kernels.peft_support`, once per process)."""
+    return peft_prefix_tuning_refusal(MODEL_CONFIGS[model_name]["model_type"])
 
 
 def reference_provider(model_name: str) -> str:
