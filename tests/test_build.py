@@ -5,6 +5,7 @@ the kernels (same code path, seconds instead of a minute); CI's sdist check buil
 installed package in two processes at once."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -86,12 +87,16 @@ def test_a_lock_left_by_a_killed_build_does_not_hang(tiny_root, monkeypatch, tmp
     assert _finish(_start(tiny_root, cache)).split()[0] == "42"
 
 
-def test_changed_sources_build_apart(tiny_root, monkeypatch, tmp_path):
-    """The build's name hashes the sources and flags: an edited source (another installed version) never
-    reuses a binary built from the old one."""
+def test_changed_or_moved_sources_build_apart(tiny_root, monkeypatch, tmp_path):
+    """The build's name hashes the sources, their place and the flags: an edited source (another installed
+    version) never reuses a binary built from the old one, and another copy of the sources never rewrites this
+    one's build."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
     spec = tiny_spec(tiny_root)
     before = spec.jit_name()
     assert ExtensionSpec(**{**spec.__dict__, "cxx_flags": ("-O1",)}).jit_name() != before
     (tiny_root / "tiny" / "tiny.cpp").write_text(TINY_SOURCE.replace("42", "43"))
     assert spec.jit_name() != before
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tiny_root, elsewhere)  # the same sources in another checkout or venv
+    assert tiny_spec(elsewhere).jit_name() != spec.jit_name()
