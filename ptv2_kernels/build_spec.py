@@ -8,8 +8,8 @@ torch only inside the functions that need it: ``setup.py`` loads it by path, and
 imports no torch at all.
 
 The first-use build goes to torch's extension cache (``TORCH_EXTENSIONS_DIR``, else torch's default root), in a
-directory named after everything that decides the binary (sources, flags, torch, Python and, for
-``-march=native`` builds, the CPU), so one cache can be shared by venvs and machines. Processes that start the
+directory named after everything that decides the binary (the sources and their place, flags, torch, Python and,
+for ``-march=native`` builds, the CPU), so one cache can be shared by venvs, checkouts and machines. Processes that start the
 same build at once take turns on a lock the kernel releases when a process dies: the first compiles, the others
 find it built.
 """
@@ -74,15 +74,18 @@ class ExtensionSpec:
         return CppExtension(self.module, extra_compile_args=list(self.cxx_flags), **common)
 
     def jit_name(self) -> str:
-        """Name of the first-use build: the stem and a hash of what decides the binary (sources, flags, torch and
-        its location, Python, the machine where it matters), so a cache shared by venvs, source versions or
-        machines never hands one a binary built for another, nor makes them rebuild each other's."""
+        """Name of the first-use build: the stem and a hash of what decides the binary (the sources and where they
+        lie, flags, torch and where it lies, Python, the machine where it matters), so a cache shared by venvs,
+        checkouts, source versions or machines never hands one a binary built for another, nor makes them
+        rebuild each other's."""
         import torch
 
         digest = hashlib.sha1()
-        torch_install = os.path.dirname(torch.__file__)  # another venv's torch: a build of its own, no churn
-        for part in (self.machine, torch.__version__, torch_install, sys.version, *self.cxx_flags, *self.nvcc_flags,
-                     *self.ld_flags):
+        # torch's build file names the torch headers and the sources by path: another venv or another checkout
+        # gets a build of its own instead of rewriting (and rebuilding) this one's
+        torch_install = os.path.dirname(torch.__file__)
+        for part in (self.machine, torch.__version__, torch_install, str(self.directory()), sys.version,
+                     *self.cxx_flags, *self.nvcc_flags, *self.ld_flags):
             digest.update(part.encode() + b"\0")
         for path in sorted(self.directory().iterdir()):
             if path.is_file():

@@ -141,9 +141,7 @@ def check_serve(workdir: Path, expected: list) -> None:
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         line = _read_line(process, SERVE_START_TIMEOUT_S)
-        if not line.startswith("serving on http://127.0.0.1:"):
-            process.kill()
-            check(False, f"ptv2-serve started (got {line!r}; stderr: {process.communicate()[1][-2000:]})")
+        check(line.startswith("serving on http://127.0.0.1:"), f"ptv2-serve started ({line.strip()!r})")
         url = line.split()[2]
         check(_http(url + "/health") == {"status": "ok"}, f"ptv2-serve answers /health at {url}")
         answer = _http(url + "/v1/predict", {"task": "demo", "inputs": [{"input_ids": SERVE_IDS}]})
@@ -151,10 +149,12 @@ def check_serve(workdir: Path, expected: list) -> None:
         error = max(abs(a - b) for a, b in zip(logits, expected))
         check(len(logits) == len(expected) and error < 1e-4,
               f"ptv2-serve /v1/predict equals the in-process logits (max error {error:.1e})")
-    finally:
+    except BaseException:
         process.kill()
-        process.communicate(timeout=HTTP_TIMEOUT_S)
-
+        print(f"ptv2-serve's stderr: {process.communicate(timeout=HTTP_TIMEOUT_S)[1][-3000:]}", file=sys.stderr)
+        raise
+    process.kill()
+    process.communicate(timeout=HTTP_TIMEOUT_S)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
