@@ -1,19 +1,23 @@
-"""PEFT 0.21 prefix-tuning adapters for patched BERT/RoBERTa models: the directory ``PeftModel.save_pretrained``
-writes and ``PeftModel.from_pretrained`` reads, without PEFT installed.
+"""PEFT prefix-tuning adapters for patched models of the families PEFT's format covers
+(``ModelFamily.peft_format_covers``: BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA): the directory
+``PeftModel.save_pretrained`` writes and ``PeftModel.from_pretrained`` reads, without PEFT installed.
 
-Files (what PEFT 0.21.2 writes for a ``PrefixTuningConfig``, byte for byte):
+Files (what PEFT writes for a ``PrefixTuningConfig``, byte for byte, for every PEFT the tests run: ``peft>=0.21``):
 - ``adapter_config.json``: the config's fields, sorted, indented by 2 (``peft_type`` ``PREFIX_TUNING``,
-  ``task_type``, ``num_virtual_tokens`` P, ``num_layers`` L, ``num_attention_heads`` H, ``token_dim`` hidden, ...);
+  ``task_type``, ``num_virtual_tokens`` P, ``num_layers`` L, ``num_attention_heads`` H, ``token_dim`` hidden, ...,
+  ``peft_version`` and ``modules_to_save`` as the installed PEFT writes them (they differ between releases;
+  :func:`~ptv2_kernels.peft_support.peft_written_fields` asks PEFT), or, where PEFT is not installed or refuses
+  BERT, those of the stated format :data:`FORMAT_PEFT_VERSION`, which every tested PEFT loads);
 - ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``): ``prompt_embeddings`` ``[P, 2·L·hidden]`` float32,
   the flat layout of :func:`~ptv2_kernels.prefix_encoder.prefix_to_flat` (PEFT stores a reparameterized prefix
   already evaluated), and for a task head the weights of PEFT's ``modules_to_save`` copy of it,
   ``base_model.<classifier | qa_outputs>.<name>``.
 PEFT has no prompt depth and no bank: an adapter holds a prefix on every layer for one task.
 
-PEFT cannot run DeBERTa prefix tuning at all (its backbone forward has no ``past_key_values``: PEFT raises "Model
-does not support past key values"), so no DeBERTa adapter exists: use :func:`~ptv2_kernels.save_prefix`. On
-transformers >= 5.24 PEFT 0.21 refuses BERT/RoBERTa the same way (the argument was renamed ``cache``); the files
-stay valid and this module reads and writes them on every supported transformers.
+No PEFT release tried prefix-tunes DeBERTa (PEFT raises "Model does not support past key values"; the README
+states what each PEFT version runs, :mod:`ptv2_kernels.peft_support` finds it out), so no DeBERTa adapter exists:
+use :func:`~ptv2_kernels.save_prefix`. Where the installed PEFT refuses BERT/RoBERTa (PEFT 0.21 on transformers
+>= 5.24) the files stay valid: this module reads and writes them on every supported transformers.
 """
 
 import json
@@ -25,18 +29,20 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .patching import patch_model, unpatch_model
+from .patching import FAMILIES, patch_model, unpatch_model
+from .peft_support import peft_written_fields
 from .patching.base import STATE_ATTR
 from .prefix_encoder import PrefixEncoder, prefix_from_flat, prefix_to_flat
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose files these are
-PEFT_MODEL_TYPES = ("bert", "roberta")
+# the format written where PEFT is not installed (or refuses BERT): the files of the oldest PEFT the tests run (the
+# floor of the test extra's peft range), which every tested PEFT loads (tests/test_peft_adapter.py)
+FORMAT_PEFT_VERSION = "0.21.0"
 PROMPT_KEY = "prompt_embeddings"
 FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
-# head class suffix -> (PEFT task type, the head module PEFT saves, PEFT's modules_to_save as 0.21 writes it: its
-# classifier names are added twice, by the PeftModel class and by its first adapter)
+# head class suffix -> (PEFT task type, the head module PEFT saves, modules_to_save in the FORMAT_PEFT_VERSION
+# format: PEFT 0.21 adds its classifier names twice, by the PeftModel class and by its first adapter)
 HEADS = {
     "ForSequenceClassification": ("SEQ_CLS", "classifier", ["classifier", "score"] * 2),
     "ForTokenClassification": ("TOKEN_CLS", "classifier", ["classifier", "score"] * 2),
@@ -58,11 +64,15 @@ class PeftAdapter:
 
 
 def check_model_type(model_type: str, source) -> None:
-    """ValueError (with the reason) for a model type PEFT cannot prefix-tune."""
-    if model_type not in PEFT_MODEL_TYPES:
-        raise ValueError(f"{source}: PEFT refuses {model_type!r} (PEFT 0.21 prefix tuning needs a backbone forward "
-                         "with past_key_values, which DeBERTa's has not), so PEFT adapters exist for "
-                         f"{PEFT_MODEL_TYPES} models only; use save_prefix / load_prefix")
+    """ValueError (with the reason) for a model type whose family PEFT's prefix-tuning adapter format does not cover
+    (``ModelFamily.peft_format_covers``)."""
+    family = FAMILIES.get(model_type)
+    if family is None or not family.peft_format_covers:
+        covered = tuple(name for name, f in FAMILIES.items() if f.peft_format_covers)
+        reason = ("not a model family of ptv2_kernels" if family is None else "PEFT 0.21 prefix tuning needs a "
+                  f"backbone forward with past_key_values, which {family.base_class}'s has not")
+        raise ValueError(f"{source}: PEFT refuses {model_type!r} ({reason}), so PEFT adapters exist for {covered} "
+                         "models only; use save_prefix / load_prefix")
 
 
 def _mismatch(source, pairs: dict) -> None:
@@ -149,7 +159,7 @@ def read_adapter(directory, *, model_type: str, num_layers: int, num_heads: int,
 def write_adapter(directory, prefix: torch.Tensor, *, task_type: str = FEATURE_EXTRACTION,
                   head: Optional[Dict[str, torch.Tensor]] = None, name_or_path: Optional[str] = None) -> None:
     """Write the compact ``prefix`` ``[L, 2, H, P, D]`` (every layer) and, for a ``task_type`` with a head, the head
-    module's ``head`` state dict as the adapter directory PEFT 0.21 writes (``PeftModel.from_pretrained`` loads it;
+    module's ``head`` state dict as the adapter directory PEFT writes (``PeftModel.from_pretrained`` loads it;
     inference mode, no reparameterization: the prefix as it is)."""
     from safetensors.torch import save_file
 
@@ -159,14 +169,15 @@ def write_adapter(directory, prefix: torch.Tensor, *, task_type: str = FEATURE_E
                                          if task == task_type), (None, None))
     if (head is None) != (head_module is None):
         raise ValueError(f"PEFT task_type {task_type!r} {'needs' if head is None else 'has no'} head weights")
+    written = peft_written_fields(task_type) or {"peft_version": FORMAT_PEFT_VERSION,
+                                                 "modules_to_save": modules_to_save}
     weights = {PROMPT_KEY: prefix_to_flat(prefix.detach().float())}
     weights.update({f"base_model.{head_module}.{k}": v.detach().float() for k, v in (head or {}).items()})
     config = {
         "auto_mapping": None, "base_model_name_or_path": name_or_path or None, "encoder_hidden_size": hidden,
-        "inference_mode": True, "init_weights": None, "modules_to_save": modules_to_save, "num_attention_heads": heads,
-        "num_layers": layers, "num_transformer_submodules": 1, "num_virtual_tokens": prefix_len,
-        "peft_type": "PREFIX_TUNING", "peft_version": PEFT_FORMAT_VERSION, "prefix_projection": False,
-        "revision": None, "task_type": task_type, "token_dim": hidden,
+        "inference_mode": True, "init_weights": None, "num_attention_heads": heads, "num_layers": layers,
+        "num_transformer_submodules": 1, "num_virtual_tokens": prefix_len, "peft_type": "PREFIX_TUNING",
+        "prefix_projection": False, "revision": None, "task_type": task_type, "token_dim": hidden, **written,
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -176,7 +187,7 @@ def write_adapter(directory, prefix: torch.Tensor, *, task_type: str = FEATURE_E
 
 
 def model_head(model: nn.Module) -> tuple:
-    """``(PEFT task type, head module name or None)`` of a BERT/RoBERTa model: a bare base model is
+    """``(PEFT task type, head module name or None)`` of a model: a bare base model is
     ``FEATURE_EXTRACTION``; TypeError for a head PEFT prefix tuning has no task type for."""
     if model is getattr(model, "base_model", None):
         return FEATURE_EXTRACTION, None
@@ -188,11 +199,12 @@ def model_head(model: nn.Module) -> tuple:
 
 
 def export_peft_adapter(model_or_encoder, directory) -> None:
-    """Write the prefix of a patched BERT/RoBERTa model (with its task head's weights: sequence or token
-    classification, question answering) or of a bare :class:`PrefixEncoder` (no head: ``FEATURE_EXTRACTION``) as
-    a PEFT 0.21 prefix-tuning adapter directory: ``PeftModel.from_pretrained(<the unpatched model>, directory)``
-    then computes what the patched model computes. The prefix must cover every layer with one task
-    (``layers=None``, ``num_tasks=1``); a reparameterized prefix is written evaluated."""
+    """Write the prefix of a patched model of a family PEFT's format covers (with its task head's weights: sequence
+    or token classification, question answering) or of a bare :class:`PrefixEncoder` (no head:
+    ``FEATURE_EXTRACTION``) as a PEFT prefix-tuning adapter directory:
+    ``PeftModel.from_pretrained(<the unpatched model>, directory)`` then computes what the patched model computes.
+    The prefix must cover every layer with one task (``layers=None``, ``num_tasks=1``); a reparameterized prefix is
+    written evaluated."""
     if isinstance(model_or_encoder, PrefixEncoder):
         encoder, model, task_type, head_name = model_or_encoder, None, FEATURE_EXTRACTION, None
     elif isinstance(model_or_encoder, nn.Module) and getattr(model_or_encoder, STATE_ATTR, None) is not None:
@@ -215,13 +227,13 @@ def export_peft_adapter(model_or_encoder, directory) -> None:
 
 def load_peft_adapter(model: nn.Module, directory, *, backend: str = "auto", freeze_backbone: bool = True
                       ) -> PrefixEncoder:
-    """Patch an unpatched BERT/RoBERTa ``model`` with the prefix of a PEFT prefix-tuning adapter directory (P from
-    the adapter, every layer) and load its task head weights into the model's head (if the adapter has them);
-    returns the attached encoder. The model then computes what ``PeftModel.from_pretrained(model, directory)``
-    computes. All or nothing: the adapter and its fit to the model are checked first; on any error
-    (``CheckpointError`` naming the file) the model is exactly as before."""
+    """Patch an unpatched ``model`` (a family PEFT's format covers) with the prefix of a PEFT prefix-tuning adapter
+    directory (P from the adapter, every layer) and load its task head weights into the model's head (if the adapter
+    has them); returns the attached encoder. The model then computes what
+    ``PeftModel.from_pretrained(model, directory)`` computes. All or nothing: the adapter and its fit to the model
+    are checked first; on any error (``CheckpointError`` naming the file) the model is exactly as before."""
     if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
-        raise TypeError(f"model must be a transformers BERT/RoBERTa model, got {type(model).__name__}")
+        raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
     if getattr(model, STATE_ATTR, None) is not None:
         raise RuntimeError(f"{type(model).__name__} is already patched; load_peft_adapter patches an unpatched model "
                            "(unpatch_model it first)")

@@ -3,63 +3,30 @@
 - transformers' own prefix semantics: an unpatched model run with a ``DynamicCache`` that holds the prefix as
   every layer's past keys/values and the attention mask widened by P ones (positions then shift by the cache
   length, exactly as transformers does it): :func:`dynamic_cache_outputs`. Independent of PEFT.
-- PEFT 0.21 prefix tuning. PEFT finds the prefix-capable forward by looking for a ``past_key_values`` parameter;
-  transformers 5.24 renamed it ``cache`` in ``BertModel``/``RobertaModel.forward`` (the old keyword is still
-  accepted until 5.40, but not in the signature), so PEFT refuses them. :func:`install_peft_backbone_shim`
-  (called once by ``conftest.py`` for the whole test session, tests only) gives those classes' forward the old
-  name back, forwarding it to ``cache``, where the installed transformers lacks it.
+- PEFT prefix tuning itself (the tests call ``get_peft_model``; where the installed PEFT refuses BERT/RoBERTa,
+  e.g. PEFT 0.21 on transformers >= 5.24, those tests fail with PEFT's error: the supported pairs are in the README).
 """
 
-import functools
 import inspect
 
 import torch
-import transformers
 from transformers import DynamicCache
-
-PEFT_BACKBONES = (transformers.BertModel, transformers.RobertaModel)
-_SHIMMED = "__ptv2_test_shim_of__"
-
-
-def _shimmed_forward(forward):
-    """``forward`` with a keyword ``past_key_values`` passed on as ``cache`` (signature: the original's plus it)."""
-    signature = inspect.signature(forward)
-    parameters = list(signature.parameters.values())
-    extra = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
-    parameters.insert(next(i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), extra)
-
-    @functools.wraps(forward)
-    def shimmed(self, *args, past_key_values=None, **kwargs):
-        if past_key_values is not None:
-            kwargs["cache"] = past_key_values
-        return forward(self, *args, **kwargs)
-
-    shimmed.__signature__ = signature.replace(parameters=parameters)
-    setattr(shimmed, _SHIMMED, forward)
-    return shimmed
-
-
-def install_peft_backbone_shim() -> list:
-    """Give :data:`PEFT_BACKBONES`' ``forward`` a ``past_key_values`` parameter where it has ``cache`` instead
-    (idempotent). Returns the classes it shimmed."""
-    shimmed = []
-    for cls in PEFT_BACKBONES:
-        parameters = inspect.signature(cls.forward).parameters
-        if "past_key_values" not in parameters and "cache" in parameters:
-            cls.forward = _shimmed_forward(cls.forward)
-            shimmed.append(cls)
-    return shimmed
-
-
-def original_forward(cls):
-    """``cls.forward`` without the shim (to simulate the transformers PEFT refuses)."""
-    return getattr(cls.forward, _SHIMMED, cls.forward)
 
 
 def cache_argument(model) -> str:
     """The name the installed transformers gives the cache argument of ``model``'s base model forward."""
-    parameters = inspect.signature(original_forward(type(model.base_model))).parameters
+    parameters = inspect.signature(type(model.base_model).forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+def enable_activation_checkpointing(model, checkpointing_kwargs=None) -> None:
+    """transformers' activation checkpointing under its name on the installed version:
+    ``activation_checkpointing_enable`` where it exists (``gradient_checkpointing_enable`` is deprecated there, to
+    be removed in v6), else ``gradient_checkpointing_enable`` (transformers before 5.23)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
 
 
 def prefix_cache(prefix: torch.Tensor, rows: int) -> DynamicCache:

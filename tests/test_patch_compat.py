@@ -23,14 +23,16 @@ import torch
 import transformers
 from transformers.models.bert import modeling_bert
 from transformers.models.deberta import modeling_deberta
+from transformers.models.electra import modeling_electra
 from transformers.models.roberta import modeling_roberta
+from transformers.models.xlm_roberta import modeling_xlm_roberta
 
 from ptv2_kernels import patch_model, unpatch_model
 from ptv2_kernels.patching import bert as patching_bert
 
 from . import test_patch_deberta as deberta_tests
 from .prefix_references import dynamic_cache_outputs, prefix_cache
-from .test_patch_bert import PREFIX_LEN, random_inputs, real_outputs, tiny_model, weighted_sum
+from .test_patch_bert import FAMILIES, PREFIX_LEN, random_inputs, real_outputs, tiny_model, weighted_sum
 
 RANGE = r"supports transformers>=5\.0\.0,<6"
 VERSION = transformers.__version__.replace(".", r"\.")
@@ -77,9 +79,11 @@ def as_float64(inputs):
     return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("case", ["padding", "inputs_embeds", "position_ids"])
-@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("family,case,backend", [
+    (family, case, backend) for family in ("bert", "roberta") for case in ("padding", "inputs_embeds", "position_ids")
+    for backend in ("torch", "triton")] + [
+    (family, case, "torch") for family in ("xlm-roberta", "camembert", "electra")
+    for case in ("padding", "inputs_embeds", "position_ids")])
 def test_positions_match_dynamic_cache_semantics(family, case, backend):
     model = tiny_model(family, "ForTokenClassification")
     reference = copy.deepcopy(model).double()
@@ -142,6 +146,7 @@ def test_model_level_use_of_the_name_is_refused():
         model(**random_inputs(model))
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # the old name, on purpose
 @pytest.mark.parametrize("argument", ["past_key_values", "cache"])
 def test_a_cache_is_refused(argument):
     model = tiny_model("bert")
@@ -170,12 +175,20 @@ class _OtherSelfAttention(modeling_bert.BertSelfAttention):
     pass
 
 
+class _OtherElectraModel(modeling_electra.ElectraModel):
+    pass
+
+
 def _swap_attention_class(model):
     model.bert.encoder.layer[1].attention.self.__class__ = _OtherSelfAttention
 
 
 def _remove_attention_config(model):
     del model.bert.encoder.layer[0].attention.self.config
+
+
+def _remove_electra_attention_projection(model):
+    del model.electra.encoder.layer[0].attention.self.key
 
 
 def _remove_deberta_attribute(model):
@@ -189,6 +202,13 @@ LAYOUTS = {
                                         r"BertEmbeddings.forward takes no argument position_ids"),
     "roberta embeddings class renamed": ("roberta", [(modeling_roberta, "RobertaEmbeddings", None)], None,
                                          r"modeling_roberta has no class RobertaEmbeddings"),
+    "xlm-roberta self-attention class renamed": ("xlm-roberta", [(modeling_xlm_roberta, "XLMRobertaSelfAttention",
+                                                                   None)], None,
+                                                 r"modeling_xlm_roberta has no class XLMRobertaSelfAttention"),
+    "electra base model of another class": ("electra", [(modeling_electra, "ElectraModel", _OtherElectraModel)], None,
+                                            r"the base model is a .*ElectraModel, expected .*_OtherElectraModel"),
+    "electra attention without its key projection": ("electra", [], _remove_electra_attention_projection,
+                                                     r"ElectraSelfAttention \(layer 0\) .* has no attribute key"),
     "attention forward without **kwargs": ("bert", [(modeling_bert.BertSelfAttention, "forward",
                                                      _attention_forward_without_kwargs)], None,
                                            r"BertSelfAttention.forward takes no \*\*kwargs"),
@@ -205,7 +225,7 @@ LAYOUTS = {
 
 
 def _family_model(family):
-    if family in ("bert", "roberta"):
+    if family in FAMILIES:
         model = tiny_model(family)
         return model, random_inputs(model)
     model = deberta_tests.tiny_model(family)
@@ -268,7 +288,7 @@ COPIES = {"pickle": lambda m: pickle.loads(pickle.dumps(m)), "torch.save": _torc
 
 
 @pytest.mark.parametrize("how", COPIES)
-@pytest.mark.parametrize("family", ["bert", "roberta", "v1", "v2-share-buckets"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "v1", "v2-share-buckets"])
 def test_patched_model_copies(family, how):
     """Identical logits (a bank, prompt depth, eval), the copy owns its prefix and state, and unpatches alone."""
     model, inputs = _family_model(family)

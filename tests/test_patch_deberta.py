@@ -23,6 +23,7 @@ import transformers
 from ptv2_kernels import load_prefix, patch_model, save_prefix, unpatch_model
 from ptv2_kernels.patching import base as patching_base
 
+from .prefix_references import enable_activation_checkpointing
 from .test_patch_bert import (assert_bank_rows_match_single_task_models, assert_unpatch_is_bit_identical,
                               real_outputs, weighted_sum)
 
@@ -198,7 +199,8 @@ def install_reference(reference, encoder, layers=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 def check_stock_parity(name, head, train, backend="torch"):
-    """P = 0: outputs on real tokens and every parameter's gradient equal stock transformers'."""
+    """P = 0: outputs on real tokens and every parameter's gradient equal stock transformers'. (The patch numbers
+    absolute positions for its P = 1, so both models get positions 0 … N-1 explicitly.)"""
     model = tiny_model(name, head)
     stock = copy.deepcopy(model)
     encoder = patch_model(model, 1, freeze_backbone=False, backend=backend)
@@ -206,6 +208,7 @@ def check_stock_parity(name, head, train, backend="torch"):
     model.train(train)
     stock.train(train)
     inputs = random_inputs(model, head=head)
+    inputs["position_ids"] = torch.arange(inputs["input_ids"].shape[-1]).expand(inputs["input_ids"].shape)
     actual = real_outputs(model(**inputs, output_hidden_states=True), inputs["attention_mask"])
     expected = real_outputs(stock(**inputs, output_hidden_states=True), inputs["attention_mask"])
     assert_close_lists(actual, expected)
@@ -370,7 +373,7 @@ def test_positions_shift_only_with_absolute_positions(monkeypatch):
     embeddings = model.base_model.embeddings.position_embeddings
     embeddings.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     model(**random_inputs(model))
-    assert torch.equal(seen[-1], torch.arange(PREFIX_LEN, PREFIX_LEN + SEQ_LEN)[None])
+    assert torch.equal(seen[-1], torch.arange(PREFIX_LEN, PREFIX_LEN + SEQ_LEN).expand(3, SEQ_LEN))
     model(**random_inputs(model), position_ids=torch.arange(SEQ_LEN)[None])
     assert torch.equal(seen[-1], torch.arange(SEQ_LEN)[None])
 
@@ -395,7 +398,7 @@ def test_gradient_checkpointing():
     encoders = [patch_model(m, PREFIX_LEN) for m in (model, checkpointed)]
     with torch.no_grad():
         encoders[1].prefix.copy_(encoders[0].prefix)
-    checkpointed.gradient_checkpointing_enable()
+    enable_activation_checkpointing(checkpointed)
     inputs = random_inputs(model)
     for m in (model, checkpointed):
         m.train()

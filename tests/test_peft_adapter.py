@@ -1,26 +1,29 @@
-"""``export_peft_adapter`` / ``load_peft_adapter`` against PEFT 0.21 itself (CPU, tiny random BERT/RoBERTa): the
-files written equal, byte for byte, what ``PeftModel.save_pretrained`` writes for the same weights; PEFT loads
-them with the patched model's outputs; adapters PEFT saved load into a patched model with PEFT's outputs."""
+"""``export_peft_adapter`` / ``load_peft_adapter`` against the installed PEFT itself (CPU, tiny random BERT,
+RoBERTa, XLM-RoBERTa, ELECTRA; CI runs both ends of ``peft>=0.21``): the files written equal, byte for byte, what
+``PeftModel.save_pretrained`` writes for the same weights; PEFT loads them with the patched model's outputs, also
+when written without PEFT installed; adapters PEFT saved load into a patched model with PEFT's outputs."""
 
 import ptv2_kernels  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported on a CPU machine)
 
 import copy
+import json
 
 import pytest
 import torch
 from peft import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
 
-from ptv2_kernels import export_peft_adapter, load_peft_adapter, patch_model
+from ptv2_kernels import export_peft_adapter, load_peft_adapter, patch_model, peft_adapter
 from ptv2_kernels.prefix_encoder import prefix_to_flat
 
 from . import test_patch_deberta as deberta_tests
-from .test_patch_bert import FAMILIES, PREFIX_LEN, random_inputs, real_outputs, tiny_model
+from .test_patch_bert import PREFIX_LEN, random_inputs, real_outputs, tiny_model
 
 TASKS = {"Model": TaskType.FEATURE_EXTRACTION, "ForSequenceClassification": TaskType.SEQ_CLS,
          "ForTokenClassification": TaskType.TOKEN_CLS, "ForQuestionAnswering": TaskType.QUESTION_ANS}
 HEAD_MODULES = {"ForSequenceClassification": "classifier", "ForTokenClassification": "classifier",
                 "ForQuestionAnswering": "qa_outputs"}
 TOL = dict(rtol=1e-4, atol=1e-5)
+FAMILIES = ["bert", "roberta", "xlm-roberta", "electra"]  # CamemBERT is XLM-RoBERTa's code under its name
 
 
 def peft_run(peft_model, inputs):
@@ -102,6 +105,19 @@ def test_load_gives_peft_outputs_and_trains(family, head, tmp_path):
     model.train()
     sum(t.sum() for t in real_outputs(model(**inputs), inputs["attention_mask"])).backward()
     assert encoder.prefix.grad.abs().sum() > 0
+
+
+def test_written_without_peft_installed_loads_in_peft(tmp_path, monkeypatch):
+    """Without PEFT the files are in the stated format, which the installed PEFT loads."""
+    model, original, _ = trained_patched_model("bert", "ForSequenceClassification")
+    monkeypatch.setattr(peft_adapter, "peft_written_fields", lambda task_type: None)
+    export_peft_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["peft_version"] == peft_adapter.FORMAT_PEFT_VERSION
+    assert config["modules_to_save"] == ["classifier", "score"] * 2
+    loaded = PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "a").eval()
+    inputs = random_inputs(model)
+    assert_same_outputs(model(**inputs), peft_run(loaded, inputs), inputs["attention_mask"])
 
 
 def test_round_trip_through_our_files(tmp_path):

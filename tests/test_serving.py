@@ -4,6 +4,7 @@ the background batcher."""
 
 import ptv2_kernels  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported on a CPU machine)
 
+import asyncio
 import copy
 import os
 import threading
@@ -14,12 +15,15 @@ import transformers
 
 from ptv2_kernels import patch_model
 from ptv2_kernels.serving import PrefixServer, Request
-from ptv2_kernels.serving.packed import packed_positions
+from ptv2_kernels.patching.positions import Positions
+from ptv2_kernels.serving.engine import RequestsRefused
+from ptv2_kernels.serving.packed import segment_ids
 
-from .test_patch_bert import FAMILIES, PREFIX_LEN, tiny_model
+from .test_patch_bert import PREFIX_LEN, tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HEADS = ["ForSequenceClassification", "ForTokenClassification", "Model"]
+ADDED = ["xlm-roberta", "electra"]  # families added on the BERT layout (CamemBERT is XLM-RoBERTa's code under its name)
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
@@ -58,9 +62,9 @@ def serve(model, tasks=3, **options):
     return server, reference
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("head", HEADS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,head,packed", [(family, head, packed) for family in ("bert", "roberta")
+                                                for head in HEADS for packed in (False, True)]
+                         + [(family, head, True) for family in ADDED for head in HEADS])
 def test_mixed_batch_equals_each_row_alone(family, head, packed):
     server, reference = make_server(family, head, packed)
     requests = random_requests(server.tasks())
@@ -71,8 +75,8 @@ def test_mixed_batch_equals_each_row_alone(family, head, packed):
         torch.testing.assert_close(result.output, expected, **TOL)
 
 
-@pytest.mark.parametrize("head", HEADS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,head", [(family, head) for family in ("bert", "roberta") for head in HEADS]
+                         + [(family, "ForSequenceClassification") for family in ADDED])
 def test_packed_equals_padded(family, head):
     padded, _ = make_server(family, head, packed=False)
     packed, _ = make_server(family, head, packed=True)
@@ -82,7 +86,7 @@ def test_packed_equals_padded(family, head):
         torch.testing.assert_close(a.output, b.output, **TOL)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra"])
 def test_prompt_depth_packed_equals_padded(family):
     """Layers without a prefix run plain attention within each packed sequence."""
     padded, _ = make_server(family, "ForSequenceClassification", packed=False, layers=[1])
@@ -95,12 +99,18 @@ def test_prompt_depth_packed_equals_padded(family):
 def test_packed_positions_match_the_padded_patch():
     ids = torch.tensor([5, 6, 7, 8, 1, 9])  # sequences [5, 6, 7] and [8, 1, 9]; 1 is RoBERTa's pad id
     cu = torch.tensor([0, 3, 6])
-    assert packed_positions(ids, cu, 4, None).tolist() == [4, 5, 6, 4, 5, 6]
-    assert packed_positions(ids, cu, 4, 1).tolist() == [6, 7, 8, 6, 1, 7]
+    bert, roberta = Positions(prefix_len=4, first=0, limit=40), Positions(4, first=2, limit=40, padding_idx=1)
+    assert bert.packed(ids, cu, segment_ids(cu), 3).tolist() == [4, 5, 6, 4, 5, 6]
+    assert roberta.packed(ids, cu, segment_ids(cu), 3).tolist() == [6, 7, 8, 6, 1, 7]
+    for positions in (bert, roberta):
+        padded = positions.padded(ids.view(2, 3), (2, 3), ids.device)
+        assert padded.flatten().tolist() == positions.packed(ids, cu, segment_ids(cu), 3).tolist()
+    with pytest.raises(ValueError, match="max_position_embeddings is 40"):
+        roberta.packed(ids, cu, segment_ids(cu), 35)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,packed", [("bert", False), ("bert", True), ("roberta", False), ("roberta", True),
+                                           ("electra", True)])
 def test_per_task_heads(family, packed):
     """A task with its own classifier weights gets them; tasks without use the model's classifier."""
     server, reference = make_server(family, "ForSequenceClassification", packed)
@@ -191,6 +201,40 @@ def test_submit_batches_concurrent_requests():
     try:
         for future, want in zip(futures, expected):
             torch.testing.assert_close(future.result(timeout=60).output, want.output, **TOL)
+    finally:
+        server.close()
+
+
+def test_cancelled_requests_leave_the_queue_unrun():
+    """A cancelled future (a submit's, or the requests of a cancelled predict_async) leaves the queue at once and
+    is counted; the batch formed after it holds only the live requests; all_or_none refuses without queueing."""
+    server, _ = make_server("bert", "ForSequenceClassification", packed=True, max_wait_ms=300)
+    ran = []
+    server.on_batch(lambda stats: ran.append(stats.rows))
+    requests = random_requests(server.tasks(), count=6, seed=8)
+    try:
+        futures = [server.submit(r) for r in requests[:3]]
+        assert server.queue_depth == 3 and futures[0].cancel() and futures[2].cancel()
+        assert server.queue_depth == 1 and server.cancelled_requests == 2
+
+        async def abandoned():
+            task = asyncio.ensure_future(server.predict_async(requests[3:]))
+            while server.queue_depth < 4:
+                await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return server.queue_depth
+
+        assert asyncio.run(abandoned()) == 1 and server.cancelled_requests == 5
+        torch.testing.assert_close(futures[1].result(timeout=60).output, server.predict([requests[1]])[0].output,
+                                   **TOL)
+        assert ran == [1, 1]  # the queued batch, then predict's
+        with pytest.raises(RequestsRefused) as refused:
+            asyncio.run(server.predict_async([requests[0], Request("nope", input_ids=[3]), requests[1],
+                                              Request("task0", input_ids=[3, 999])], all_or_none=True))
+        assert [(i, r.code) for i, r in refused.value.failed] == [(1, "unknown_task"), (3, "invalid_input")]
+        assert server.queue_depth == 0 and ran == [1, 1]
     finally:
         server.close()
 

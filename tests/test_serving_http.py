@@ -17,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -148,6 +150,119 @@ def test_errors_are_json_and_the_server_still_serves(served, method, path, optio
     assert got_status == status, body
     assert isinstance(body["error"], str) and body["error"] and (code is None or body["code"] == code), body
     check_still_serves(client, engine, seed=status)
+
+
+def upload(url, head: bytes, body: bytes, read_first=False) -> bytes:
+    """A hand-written POST of ``body`` (after ``head``'s headers); what comes back until the server closes (a
+    reset after the answer counts as the end, a reset before it raises)."""
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as sock:
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + head + b"\r\n")
+        reply = sock.recv(65536) if read_first else b""
+        sock.sendall(body)
+        with contextlib.suppress(ConnectionResetError if reply else ()):
+            while chunk := sock.recv(65536):
+                reply += chunk
+    return reply
+
+
+def test_a_refused_upload_reaches_every_client(served):
+    """413 for a body over the limit reaches clients that upload everything before they read (urllib, which
+    sends Connection: close; a raw socket), httpx with and without keep-alive, a streamed body and a client
+    waiting for 100 Continue (which then sends no body); the server then still serves."""
+    engine, client, _ = served
+    url, big = str(client.base_url), b" " * (20 << 20)
+    request = urllib.request.Request(url + "/v1/predict", data=big, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=TIMEOUT_S)
+    assert refused.value.code == 413 and json.loads(refused.value.read())["code"] == "body_too_large"
+    for headers in ({}, {"Connection": "close"}):
+        response = httpx.post(url + "/v1/predict", content=big, headers=headers, timeout=TIMEOUT_S)
+        assert response.status_code == 413 and response.json()["code"] == "body_too_large"
+    response = client.post("/v1/predict", content=_chunks(20 << 20))
+    assert response.status_code == 413 and response.json()["code"] == "body_too_large"
+    for connection in (b"close", b"keep-alive"):
+        reply = upload(url, b"Connection: %s\r\nContent-Length: %d\r\n" % (connection, len(big)), big)
+        assert reply.startswith(b"HTTP/1.1 413 ") and b'"code":"body_too_large"' in reply, reply[:200]
+    reply = upload(url, b"Expect: 100-continue\r\nContent-Length: %d\r\n" % len(big), b"", read_first=True)
+    assert reply.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in reply, reply[:200]
+    check_still_serves(client, engine, seed=413)
+
+
+def test_a_stalled_upload_is_answered_and_closed_within_the_drain_bounds():
+    """After a 413 the server reads the rest of the body for at most drain_timeout_s: a client that stalls
+    mid-upload has the answer at once and the connection closed after that time."""
+    engine, _ = make_server("bert", "ForSequenceClassification", packed=True)
+    with running(engine, HTTPSettings(max_body_bytes=1024, drain_timeout_s=0.5)) as (url, _):
+        host, port = url.split("//")[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as sock:
+            sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b" " * 5000)
+            start = time.perf_counter()
+            reply = sock.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 413 ") and time.perf_counter() - start < 0.4, reply
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    reply += chunk
+            assert 0.4 < time.perf_counter() - start < 5 and b"connection: close" in reply.lower()
+
+
+def test_every_bad_input_is_named_in_one_pass(served):
+    """Whatever their kind (unknown task, no task, not an object, ids outside the vocabulary, a field's type),
+    every bad input is named in order, the first one sets the status, and nothing of the request runs."""
+    engine, client, _ = served
+    good = {"task": "task0", "input_ids": [3, 4, 5]}
+    cases = [  # (inputs, status, [(input, code)])
+        ([good, {"task": "gamma"}, {"text": "a"}, good], 404, [(1, "unknown_task"), (2, "invalid_request")]),
+        ([good, {"task": "gamma"}, {"text": "a"}, 7, good], 404,
+         [(1, "unknown_task"), (2, "invalid_request"), (3, "invalid_request")]),
+        ([good, {"task": "gamma", "input_ids": [3]}, {"task": "task1", "input_ids": [3, 999]}, good], 404,
+         [(1, "unknown_task"), (2, "invalid_input")]),
+        ([good, {"task": "task1", "input_ids": [3, 999]}, {"task": "task0", "text": 5}, None, {"input_ids": [3]}],
+         422, [(1, "invalid_input"), (2, "invalid_request"), (3, "invalid_request"), (4, "invalid_request")]),
+    ]
+    rows = metric_values(client.get("/metrics").text)[("ptv2_batch_size_sum", ())]
+    for inputs, status, named in cases:
+        response = client.post("/v1/predict", json={"inputs": inputs})
+        answer = response.json()
+        assert response.status_code == status and answer["code"] == named[0][1], answer
+        assert answer["error"].startswith(f"inputs[{named[0][0]}]: "), answer
+        assert [(d["input"], d["code"]) for d in answer["details"]] == named, answer
+        assert all(d["error"] for d in answer["details"])
+    assert metric_values(client.get("/metrics").text)[("ptv2_batch_size_sum", ())] == rows  # nothing ran
+    check_still_serves(client, engine, seed=26)
+
+
+def test_abandoned_requests_leave_the_queue(monkeypatch):
+    """A bounded storm of clients that send 8 inputs and close without reading, on a slowed model: their inputs
+    leave the queue unrun (counted in /metrics, status 499), and a new client is served within 1 s of the storm's
+    end (run, the storm would take 4 s more)."""
+    engine, _ = make_server("bert", "ForSequenceClassification", packed=True, max_wait_ms=5, max_batch_size=8)
+    forward = engine._forward
+
+    def slow(items, task_ids):
+        time.sleep(0.1)
+        return forward(items, task_ids)
+
+    monkeypatch.setattr(engine, "_forward", slow)
+    storm, rows = 40, 8
+    with running(engine) as (url, _), httpx.Client(base_url=url, timeout=TIMEOUT_S) as client:
+        host, port = url.split("//")[1].split(":")
+        body = json.dumps(body_of(random_requests(engine.tasks(), count=rows, seed=40))).encode()
+        for _ in range(storm):
+            with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as sock:
+                sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                time.sleep(0.01)
+        end = time.perf_counter()
+        requests = random_requests(engine.tasks(), count=3, seed=41)
+        response = client.post("/v1/predict", json=body_of(requests))
+        assert response.status_code == 200 and time.perf_counter() - end < 1.0
+        values = metric_values(client.get("/metrics").text)
+        assert_same(response.json(), engine.predict(requests))
+    assert values[("ptv2_http_requests_total", (("endpoint", "/v1/predict"), ("status", "499")))] == storm
+    assert values[("ptv2_requests_cancelled_total", ())] >= storm * rows / 2  # the others never reached the queue
+    assert values[("ptv2_batch_size_sum", ())] < storm * rows / 2  # rows run (3 of them the new client's)
+    assert values[("ptv2_queue_depth", ())] == 0
 
 
 def test_tasks_health_ready(served):

@@ -13,7 +13,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 httpx = pytest.importorskip("httpx")
 
-from ptv2_kernels.serving import cli  # noqa: E402
+from ptv2_kernels.serving import options  # noqa: E402
 from ptv2_kernels.serving.checkpoints import save_bank  # noqa: E402
 
 from .test_serving import make_server, random_requests  # noqa: E402
@@ -39,7 +39,7 @@ def test_two_replicas_answer_like_one_process(tmp_path):
     save_bank(engine, tmp_path / "bank")
     argv = ["--model", str(tmp_path / "model"), "--prefix-len", "4", "--max-tasks", "4", "--bank",
             str(tmp_path / "bank"), "--replicas", "2"]
-    single = cli.build_server(cli.parser().parse_args(argv))
+    single = options.build_server(options.parser().parse_args(argv))
     bodies = [random_requests(single.tasks(), count=1 + i % 3, seed=400 + i) for i in range(24)]
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=80 << 20,

@@ -13,7 +13,7 @@ Providers (``T`` = ``NUM_TASKS`` task prefixes, row ``b`` of the batch belongs t
 import torch
 
 from ..serving.engine import PrefixServer, Request
-from ..serving.packed import PACKED_MODEL_TYPES
+from ..patching import family_named
 from . import kernel, measure, model
 from .configs import MODEL_CONFIGS, heads_and_dim
 from .report import make_row
@@ -118,7 +118,7 @@ def run(model_name, sizes, dtype, device, providers, progress, quick):
             model_name, prefix_len, quick, device, dtype, b, flat, batch, task_ids)
     if fused:
         backend = kernel.FUSED_BACKENDS[fused[0]]
-        packings = (False, True) if config.model_type in PACKED_MODEL_TYPES else (False,)
+        packings = (False, True) if family_named(config.model_type).serves_packed else (False,)
         for packed in packings:
             name = f"server-{'packed' if packed else 'padded'}{NUM_TASKS}"
             calls[name] = lambda b=backend, p=packed: _server_call(model_name, prefix_len, quick, device, dtype, b,

@@ -1,5 +1,5 @@
 """``train`` and ``serve`` modes: a whole sequence-classification model with random weights, patched
-with :func:`ptv2_kernels.patch_model` (``fused-*`` providers) or wrapped by PEFT 0.21 prefix tuning
+with :func:`ptv2_kernels.patch_model` (``fused-*`` providers) or wrapped by PEFT prefix tuning
 (``peft``: the concatenation through a ``DynamicCache`` that users run today, sdpa attention).
 
 ``train-step``: forward, backward and an AdamW step on the trainable parameters (prefix and head).
@@ -9,20 +9,22 @@ paid in the untimed first call), as ``<provider>+compile`` rows next to the eage
 configs so every provider computes the same function: the fused models get PEFT's prefix values and
 their loss (train) or logits (serve) are checked against PEFT's.
 
-PEFT refuses DeBERTa, and PEFT 0.21 refuses BERT/RoBERTa on transformers >= 5.24 (their forward's
-``past_key_values`` became ``cache``; PEFT looks for the old name). Then the concatenation reference is
-``concat-sdpa``: the same patched model with every layer's prefix attention swapped for
-:func:`ptv2_kernels.concat_prefix_attention` (prefix expanded over the batch and concatenated, c2p + p2c
-materialised as transformers does, SDPA), and the ``peft`` provider is listed as skipped with the reason
-(``results.json``/``results.md``: which reference ran and why). Those providers start from one seeded random prefix.
+Whether PEFT runs the model is found by trying it with the installed packages
+(:mod:`ptv2_kernels.peft_support`; the README states the outcomes per version range). Where PEFT refuses the
+model, the concatenation reference is ``concat-sdpa``: the same patched model with every layer's prefix
+attention swapped for :func:`ptv2_kernels.concat_prefix_attention` (prefix expanded over the batch and
+concatenated, c2p + p2c materialised as transformers does, SDPA), and the ``peft`` provider is listed as skipped
+with PEFT's reason (``results.json``/``results.md``: which reference ran and why). Those providers start from one
+seeded random prefix.
 """
 
 import contextlib
-import inspect
 
 import torch
 
 from .. import concat_prefix_attention
+from ..patching import family_named
+from ..peft_support import peft_prefix_tuning_refusal
 from . import kernel, measure
 from .configs import MODEL_CONFIGS, heads_and_dim
 
@@ -31,27 +33,15 @@ PROVIDERS = ("peft", CONCAT)
 QUICK_LAYERS = 2
 
 
-def _is_deberta(model_name: str) -> bool:
-    return MODEL_CONFIGS[model_name]["model_type"].startswith("deberta")
+def _family(model_name: str):
+    """The :class:`~ptv2_kernels.patching.base.ModelFamily` of ``model_name``'s embedded config."""
+    return family_named(MODEL_CONFIGS[model_name]["model_type"])
 
 
 def peft_refusal(model_name: str):
-    """Why PEFT cannot prefix-tune ``model_name``'s model with the installed packages (None if it can): PEFT 0.21
-    runs prefix tuning only through a backbone forward with a ``past_key_values`` parameter."""
-    if _is_deberta(model_name):
-        return "PEFT 0.21 prefix tuning refuses DeBERTa (no past_key_values support)"
-    try:
-        import peft
-    except ImportError:
-        return "PEFT is not installed (pip install -e '.[test]')"
-    import transformers
-
-    backbone = {"bert": transformers.BertModel, "roberta": transformers.RobertaModel}[
-        MODEL_CONFIGS[model_name]["model_type"]]
-    if "past_key_values" not in inspect.signature(backbone.forward).parameters:
-        return (f"PEFT {peft.__version__} refuses prefix tuning of {backbone.__name__} on transformers "
-                f"{transformers.__version__} (its forward has no past_key_values: renamed cache in 5.24)")
-    return None
+    """Why the installed PEFT cannot prefix-tune ``model_name``'s model type on the installed transformers (None
+    if it can), found by trying it (:mod:`ptv2_kernels.peft_support`, once per process)."""
+    return peft_prefix_tuning_refusal(MODEL_CONFIGS[model_name]["model_type"])
 
 
 def reference_provider(model_name: str) -> str:
@@ -78,7 +68,7 @@ def skip_reason(provider: str, model_name: str, device: torch.device):
         return "needs ptv2_kernels.patch_model (SPEC §3), not in this version of the package"
     if provider == CONCAT:
         return None if reference_provider(model_name) == CONCAT else "PEFT is the concatenation baseline of this model"
-    return kernel.skip_reason(provider, "kernel-fwd", device, relative=_is_deberta(model_name))
+    return kernel.skip_reason(provider, "kernel-fwd", device, relative=_family(model_name).disentangled)
 
 
 def build_model(model_name: str, quick: bool, device, dtype):
@@ -92,8 +82,7 @@ def build_model(model_name: str, quick: bool, device, dtype):
     config = AutoConfig.for_model(model_type, **cfg, num_labels=2, hidden_dropout_prob=0.0,
                                   attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    attention = "eager" if _is_deberta(model_name) else "sdpa"  # transformers' DeBERTa has no sdpa attention
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attention)
+    model = AutoModelForSequenceClassification.from_config(config)  # sdpa where transformers has it (not DeBERTa)
     return model.to(device, dtype)
 
 

@@ -2,9 +2,11 @@
 model whose self-attention reads the prefix through :func:`ptv2_kernels.prefix_attention`; ``load_prefix``
 of a saved prefix into a model.
 
-Families are looked up by the class of ``model.base_model``: BERT, RoBERTa (``bert.py``), DeBERTa and
+Families are looked up by ``config.model_type`` in the one table of them, ``registry.FAMILIES``: BERT, RoBERTa
+(``bert.py``), XLM-RoBERTa and CamemBERT (``xlm_roberta.py``), ELECTRA (``electra.py``), DeBERTa and
 DeBERTa-v2/v3 (``deberta.py``). A new family implements :class:`~ptv2_kernels.patching.base.ModelFamily` in its
-own module and is added to ``FAMILIES``.
+own module and is added to that table; the patch state keeps the family, and packed serving, the serving heads,
+the adapters and the bench ask it.
 Only module instances are changed (hooks, one config object or instance ``forward`` per patched self-attention
 module, one submodule), never classes, so other models in the process are unaffected. Every argument, the
 transformers version (:mod:`~ptv2_kernels.patching.compat`) and the model's layout are checked before anything
@@ -23,21 +25,7 @@ from ..prefix_encoder import PrefixConfig, PrefixEncoder, read_prefix_file
 from . import compat
 from .base import (ENCODER_ATTR, STATE_ATTR, ModelFamily, PatchState, check_attended_hook, clear_task_ids_hook,
                    start_call_hook, take_task_ids_hook)
-from .bert import BERT, ROBERTA
-from .deberta import DEBERTA, DEBERTA_V2
-
-FAMILIES: list = [BERT, ROBERTA, DEBERTA, DEBERTA_V2]
-
-
-def _family_of(model: nn.Module) -> ModelFamily:
-    base = getattr(model, "base_model", None)
-    for family in FAMILIES:
-        classes = family.base_model_classes()
-        if classes and isinstance(base, classes):
-            return family
-    supported = ", ".join(cls.__name__ for family in FAMILIES for cls in family.base_model_classes())
-    raise TypeError(f"patch_model supports transformers models built on {supported} (any task head); got "
-                    f"{type(model).__name__} (base model {type(base).__name__})")
+from .registry import FAMILIES, family_named, family_of
 
 
 def _positive_int(name: str, value) -> int:
@@ -119,7 +107,7 @@ def _checked_model(model) -> ModelFamily:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     compat.check_version()
-    family = _family_of(model)
+    family = family_of(model)
     if getattr(model, STATE_ATTR, None) is not None:
         raise RuntimeError(f"{type(model).__name__} is already patched; call unpatch_model(model) before patching "
                            "again")
@@ -175,7 +163,7 @@ def _attach(model: nn.Module, family: ModelFamily, prefix_config: PrefixConfig, 
     attentions = family.self_attention_modules(base)
     device = next(model.parameters()).device
     encoder = PrefixEncoder(prefix_config).to(device).train(model.training)
-    state = PatchState(encoder=encoder, backend=backend, slots={}, handles=[])
+    state = PatchState(encoder=encoder, family=family, backend=backend, slots={}, handles=[])
     if freeze_backbone:
         state.requires_grad = [(p, p.requires_grad) for p in base.parameters()]
         for parameter in base.parameters():
@@ -197,9 +185,7 @@ def _attach(model: nn.Module, family: ModelFamily, prefix_config: PrefixConfig, 
 def unpatch_model(model: nn.Module) -> PrefixEncoder:
     """Undo :func:`patch_model` exactly: original attention, positions, ``requires_grad`` flags, no
     ``model.prefix_encoder``. Returns the detached encoder (its weights are kept)."""
-    state = getattr(model, STATE_ATTR, None)
-    if state is None:
-        raise ValueError(f"{type(model).__name__} is not patched (patch_model was not called on it)")
+    state = patch_state(model)
     for handle in reversed(state.handles):
         handle.remove()
     for parameter, requires_grad in state.requires_grad:
@@ -247,4 +233,14 @@ def load_prefix(path, model: Optional[nn.Module] = None, *, backend: str = "auto
     return encoder
 
 
-__all__ = ["patch_model", "unpatch_model", "load_prefix", "FAMILIES", "ModelFamily"]
+def patch_state(model: nn.Module) -> PatchState:
+    """The :class:`PatchState` of a model patched with :func:`patch_model` (its encoder, family, backend...);
+    ValueError if it is not patched."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched (patch_model was not called on it)")
+    return state
+
+
+__all__ = ["patch_model", "unpatch_model", "load_prefix", "FAMILIES", "ModelFamily", "family_of", "family_named",
+           "patch_state"]

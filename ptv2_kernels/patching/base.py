@@ -31,6 +31,7 @@ from ..ops.prefix_attention import prefix_attention, prefix_attention_checked_on
 from ..ops.validation import check_task_id_values
 from ..prefix_encoder import PrefixEncoder
 from . import compat
+from .positions import Positions
 
 CALL_KWARG = "ptv2_prefix_call"
 ENCODER_ATTR = "prefix_encoder"
@@ -84,18 +85,43 @@ def take_call(kwargs: dict) -> PrefixCall:
     return call
 
 
+# How a family's sequence-classification head reads a sequence (serving's heads, reference checkpoints' heads):
+BASE_POOLER = "base-pooler"  # BERT: the base model's pooler (first token), then ``classifier``
+FIRST_TOKEN = "first-token"  # RoBERTa, ELECTRA: ``classifier`` reads the first token itself (``dense``, ``out_proj``)
+CONTEXT_POOLER = "context-pooler"  # DeBERTa: the head's ``pooler`` (first token), then ``classifier``
+
+
 class ModelFamily(abc.ABC):
-    """How one transformers model family is patched; ``patching/__init__.py`` keeps the registered ones.
-    A family names its transformers module, base model class and self-attention class; the layout
-    ``base.encoder.layer[i].attention.self`` is the one BERT, RoBERTa and DeBERTa share.
+    """Everything the package knows about one transformers model family, in one object: the registry
+    (:mod:`~ptv2_kernels.patching.registry`) maps ``config.model_type`` (:attr:`name`) to it, ``patch_model`` keeps
+    it on the patch state, and packed serving, the serving heads, the adapters and the bench ask it.
 
-    ``check_layout`` runs before anything is changed and raises :class:`~ptv2_kernels.patching.compat.LayoutError`
-    for every transformers name the family relies on that is missing or different."""
+    - layout: the transformers module, base model, embeddings and self-attention classes;
+      :meth:`check_layout` (before anything is changed) raises
+      :class:`~ptv2_kernels.patching.compat.LayoutError` for every name the family relies on that is missing or
+      different; :meth:`check_config` refuses configurations it cannot patch;
+    - routing: :meth:`route_attention` makes a self-attention module attend over the forward's prefix;
+    - positions: :meth:`positions`, absolute positions shifted by P (padded and packed, one numbering);
+    - attention as packed serving computes it: :meth:`project`, :meth:`score_scale`, :meth:`relative_terms`;
+    - what else serving and adapters need: :attr:`serves_packed`, :attr:`sequence_head`,
+      :attr:`peft_format_covers` (whether PEFT's adapter files can hold the prefix; whether PEFT itself runs the
+      model is found by trying it), :attr:`reference_backbone`.
+    """
 
-    name: str
+    name: str  # config.model_type
     module_path: str
     base_class: str
     attention_class: str
+    embeddings_class: str
+    positions_after_padding_idx = False  # RoBERTa's numbering (see positions.py)
+    disentangled = False  # DeBERTa's relative terms (c2p/p2c) reach the kernel
+    serves_packed = True  # packed_forward serves it
+    sequence_head = FIRST_TOKEN
+    peft_format_covers = True
+    reference_backbone: Optional[str] = None  # where the P-Tuning v2 reference's model holds the backbone
+
+    def __reduce__(self):  # pickles (patched models, their hooks) refer to the registered family
+        return _registered_family, (self.name,)
 
     def _module(self):
         return importlib.import_module(self.module_path)
@@ -110,28 +136,98 @@ class ModelFamily(abc.ABC):
         return [layer.attention.self for layer in base_model.encoder.layer]
 
     def check_layout(self, base_model: nn.Module) -> None:
-        """The shared layout: ``encoder.layer`` a ModuleList of layers whose ``attention.self`` is exactly the
-        family's self-attention class. Families extend it with what their patch reads."""
+        """The shared layout: the base model is exactly the family's class, ``encoder.layer`` a ModuleList of
+        layers whose ``attention.self`` is exactly the family's self-attention class. Families extend it with what
+        their patch reads."""
+        module = self._module()
+        compat.require_instance(base_model, compat.require_module_class(module, self.base_class, "base model"),
+                                "the base model")
         where = f"{self.base_class}.encoder.layer"
         layers = getattr(getattr(base_model, "encoder", None), "layer", None)
         if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
             raise compat.LayoutError(f"{where} is not a non-empty ModuleList")
-        attention_class = compat.require_module_class(self._module(), self.attention_class, "self-attention")
+        attention_class = compat.require_module_class(module, self.attention_class, "self-attention")
         for index, layer in enumerate(layers):
             attention = getattr(getattr(layer, "attention", None), "self", None)
             compat.require_instance(attention, attention_class, f"{where}[{index}].attention.self")
+
+    def check_config(self, config) -> None:
+        """Raise ValueError for configurations the family cannot patch."""
 
     @abc.abstractmethod
     def route_attention(self, module: nn.Module):
         """Make ``module`` attend through the forward's :class:`PrefixCall` (``call.attend(module, ...)``);
         returns a handle whose ``remove()`` undoes it exactly."""
 
-    def check_config(self, config) -> None:
-        """Raise ValueError for configurations the family cannot patch."""
+    def positions(self, base_model: nn.Module, prefix_len: int) -> Optional[Positions]:
+        """The model's absolute positions shifted by ``prefix_len`` (None: it has none, e.g. DeBERTa with
+        ``position_biased_input=False``)."""
+        embeddings = base_model.embeddings
+        table = getattr(embeddings, "position_embeddings", None)
+        if table is None:
+            return None
+        padding_idx = embeddings.padding_idx if self.positions_after_padding_idx else None
+        first = 0 if padding_idx is None else padding_idx + 1
+        return Positions(prefix_len, first, table.num_embeddings, padding_idx)
+
+    def max_length(self, base_model: nn.Module, prefix_len: int) -> int:
+        """The longest input a patched model takes (the shifted positions fit, or ``max_position_embeddings``)."""
+        positions = self.positions(base_model, prefix_len)
+        return base_model.config.max_position_embeddings if positions is None else positions.max_length
 
     def input_hooks(self, base_model: nn.Module, prefix_len: int) -> list:
-        """Hooks (removable handles) that adapt the model's inputs to a prefix (e.g. shift positions)."""
-        return []
+        """Hooks (removable handles) that adapt the model's inputs to a prefix: the embeddings get their
+        positions shifted by P (when no ``position_ids`` are given)."""
+        positions = self.positions(base_model, prefix_len)
+        if positions is None:
+            return []
+        return [base_model.embeddings.register_forward_pre_hook(functools.partial(_shift_positions, positions),
+                                                                 with_kwargs=True)]
+
+    def embed(self, base_model: nn.Module, input_ids, token_type_ids, position_ids) -> torch.Tensor:
+        """The hidden states the encoder's first layer reads (packed serving calls the model's own embeddings)."""
+        return base_model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
+
+    @abc.abstractmethod
+    def project(self, module: nn.Module, hidden_states: torch.Tensor) -> tuple:
+        """``q, k, v`` ``[B, H, N, D]`` of one self-attention module, biases included (strided views allowed)."""
+
+    @abc.abstractmethod
+    def score_scale(self, module: nn.Module, head_dim: int) -> float:
+        """The factor of the scores ``q·k`` of one self-attention module."""
+
+    def relative_terms(self, base_model: nn.Module, seq_len: int, probe: torch.Tensor):
+        """Relative-position terms for sequences of at most ``seq_len`` tokens: an object whose ``of(module,
+        dtype)`` gives a layer's ``disentangled_bias`` (``probe``: a tensor on the model's device); None if the
+        family has none."""
+        return None
+
+    def check_packed(self, base_model: nn.Module) -> None:
+        """ValueError if this model cannot serve packed rows."""
+        if not self.serves_packed:
+            raise ValueError(f"packed inference does not support {self.name} models")
+
+    def packed_conv(self, base_model: nn.Module) -> Optional[nn.Module]:
+        """A convolution the encoder applies after its first layer (DeBERTa-v2's ``ConvLayer``), or None."""
+        return None
+
+
+def _registered_family(name: str) -> "ModelFamily":
+    from .registry import family_named
+
+    return family_named(name)
+
+
+def _shift_positions(positions: Positions, embeddings, args, kwargs):
+    """Embeddings pre-hook: when no ``position_ids`` are given, pass them (the public argument) shifted by P."""
+    bound = bound_arguments(embeddings, args, kwargs)
+    arguments = bound.arguments
+    if arguments.get("position_ids") is not None:
+        return None
+    input_ids = arguments.get("input_ids")
+    source = input_ids if input_ids is not None else arguments["inputs_embeds"]
+    arguments["position_ids"] = positions.padded(input_ids, tuple(source.shape[:2]), source.device)
+    return bound.args, bound.kwargs
 
 
 @dataclass
@@ -141,6 +237,7 @@ class PatchState:
     consumed by the base-model pre-hook within the same forward."""
 
     encoder: PrefixEncoder
+    family: ModelFamily
     backend: str
     slots: dict
     handles: list

@@ -10,25 +10,24 @@
   forward's :class:`~ptv2_kernels.patching.base.PrefixCall` carries the 2D padding mask), so no mask function is
   needed; the name is registered with the ``AttentionMaskInterface`` too, with one that refuses to run, so that a
   model whose whole config names it fails loudly instead of getting ``mask=None`` (padding silently dropped).
-- Positions shift by P as transformers shifts them for a cache of length P, passed through the public
-  ``position_ids`` argument of the embeddings (a pre-hook): BERT ``P … P+N-1``; RoBERTa non-pad tokens
-  ``padding_idx + P + cumsum``, pads ``padding_idx``; with ``inputs_embeds`` RoBERTa numbers positions
-  ``padding_idx + 1 …`` without the shift, as transformers and PEFT do. Explicit ``position_ids`` are used as given.
+- Positions shift by P as transformers shifts them for a cache of length P (:mod:`.positions`), passed through the
+  public ``position_ids`` argument of the embeddings (a pre-hook). Explicit ``position_ids`` are used as given.
+- XLM-RoBERTa and CamemBERT (``xlm_roberta.py``) and ELECTRA (``electra.py``) are this layout under other names.
 """
 
 import copy
-import functools
+from typing import Optional
 
-import torch
 import transformers
 from torch import nn
 
 from . import compat
-from .base import ModelFamily, bound_arguments, take_call
+from .base import BASE_POOLER, FIRST_TOKEN, ModelFamily, take_call
 
 ATTENTION_NAME = "ptv2_prefix_attention"
 _FORWARD_ARGUMENTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 _EMBEDDING_ARGUMENTS = ("input_ids", "token_type_ids", "position_ids", "inputs_embeds")
+_ATTENTION_ATTRIBUTES = ("query", "key", "value", "attention_head_size", "scaling")
 
 
 def prefix_attention_interface(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -64,50 +63,24 @@ class _RoutedAttention:
         self.module.config = self.config
 
 
-def _position_hook(prefix_len: int, first_position: int, max_positions: int, padding_idx):
-    """Embeddings pre-hook: when no ``position_ids`` are given, pass them explicitly (the public argument),
-    shifted by P as transformers shifts them for a cache of length P: BERT ``P … P+N-1``; RoBERTa
-    (``padding_idx`` set) ``padding_idx + P + cumsum`` on non-pad tokens and ``padding_idx`` on pads, and for
-    ``inputs_embeds`` ``padding_idx + 1 …`` unshifted (transformers cannot tell pads there and does not shift).
-    Checks that the largest position fits ``max_position_embeddings`` before any kernel runs."""
-    return functools.partial(_shift_positions, prefix_len, first_position, max_positions, padding_idx)
+class BertLike(ModelFamily):
+    """The BERT layout, which RoBERTa, XLM-RoBERTa, CamemBERT and ELECTRA share:
+    ``base.encoder.layer[i].attention.self`` (``query``/``key``/``value``, routed through the ``AttentionInterface``),
+    absolute positions in ``base.embeddings``. ``BertLike(model_type, "Prefix")`` names transformers'
+    ``modeling_<model_type>`` classes ``PrefixModel``, ``PrefixSelfAttention`` and ``PrefixEmbeddings``;
+    ``positions_after_padding_idx`` selects RoBERTa's numbering, ``sequence_head`` how its sequence classifier
+    reads a sequence."""
 
-
-def _shift_positions(prefix_len, first_position, max_positions, padding_idx, embeddings, args, kwargs):
-    bound = bound_arguments(embeddings, args, kwargs)
-    arguments = bound.arguments
-    if arguments.get("position_ids") is not None:
-        return None
-    inputs = arguments.get("input_ids")
-    source = inputs if inputs is not None else arguments["inputs_embeds"]
-    length = source.shape[1]
-    shift = 0 if padding_idx is not None and inputs is None else prefix_len
-    if first_position + shift + length > max_positions:
-        raise ValueError(
-            f"sequence length N={length} with prefix_len P={prefix_len} needs position ids up to "
-            f"{first_position + shift + length - 1}, but max_position_embeddings is {max_positions}: "
-            f"use N <= {max_positions - first_position - shift}")
-    if padding_idx is not None and inputs is not None:
-        real = inputs.ne(padding_idx).long()
-        positions = (real.cumsum(1) + prefix_len) * real + padding_idx
-    else:
-        positions = torch.arange(first_position + shift, first_position + shift + length, device=source.device)
-        positions = positions[None, :].expand(source.shape[0], length)
-    arguments["position_ids"] = positions
-    return bound.args, bound.kwargs
-
-
-class _BertLike(ModelFamily):
-    """BERT layout: ``base.encoder.layer[i].attention.self``, absolute positions in ``base.embeddings``."""
-
-    def __init__(self, name: str, module_path: str, base_class: str, attention_class: str, embeddings_class: str,
-                 positions_after_padding_idx: bool):
+    def __init__(self, name: str, class_prefix: str, *, positions_after_padding_idx: bool = False,
+                 sequence_head: str = FIRST_TOKEN, reference_backbone: Optional[str] = None):
         self.name = name
-        self.module_path = module_path
-        self.base_class = base_class
-        self.attention_class = attention_class
-        self.embeddings_class = embeddings_class
-        self._positions_after_padding_idx = positions_after_padding_idx
+        self.module_path = f"transformers.models.{name.replace('-', '_')}.modeling_{name.replace('-', '_')}"
+        self.base_class = f"{class_prefix}Model"
+        self.attention_class = f"{class_prefix}SelfAttention"
+        self.embeddings_class = f"{class_prefix}Embeddings"
+        self.positions_after_padding_idx = positions_after_padding_idx
+        self.sequence_head = sequence_head
+        self.reference_backbone = reference_backbone
 
     def check_config(self, config) -> None:
         if config.is_decoder or config.add_cross_attention:
@@ -133,29 +106,29 @@ class _BertLike(ModelFamily):
         embeddings_class = compat.require_module_class(module, self.embeddings_class, "embeddings")
         compat.require_instance(embeddings, embeddings_class, f"{self.base_class}.embeddings")
         compat.require_parameters(embeddings_class.forward, _EMBEDDING_ARGUMENTS, f"{self.embeddings_class}.forward")
-        wanted = ["position_embeddings"] + ["padding_idx"] * self._positions_after_padding_idx
+        wanted = ["position_embeddings"] + ["padding_idx"] * self.positions_after_padding_idx
         compat.require_attributes(embeddings, wanted, f"{self.base_class}.embeddings")
         if not isinstance(embeddings.position_embeddings, nn.Embedding):
             raise compat.LayoutError(f"{self.base_class}.embeddings.position_embeddings is not an nn.Embedding "
                                      "(absolute positions)")
         for index, layer in enumerate(base_model.encoder.layer):
-            config = getattr(layer.attention.self, "config", None)
-            if not isinstance(config, transformers.PreTrainedConfig):
+            attention = layer.attention.self
+            if not isinstance(getattr(attention, "config", None), transformers.PreTrainedConfig):
                 raise compat.LayoutError(f"{self.attention_class} (layer {index}) has no config to look its attention "
                                          "function up in")
+            compat.require_attributes(attention, _ATTENTION_ATTRIBUTES, f"{self.attention_class} (layer {index})")
 
     def route_attention(self, module: nn.Module):
         return _RoutedAttention(module)
 
-    def input_hooks(self, base_model: nn.Module, prefix_len: int) -> list:
-        embeddings = base_model.embeddings
-        first_position = embeddings.padding_idx + 1 if self._positions_after_padding_idx else 0
-        padding_idx = embeddings.padding_idx if self._positions_after_padding_idx else None
-        hook = _position_hook(prefix_len, first_position, embeddings.position_embeddings.num_embeddings, padding_idx)
-        return [embeddings.register_forward_pre_hook(hook, with_kwargs=True)]
+    def project(self, module, hidden_states):
+        shape = (*hidden_states.shape[:-1], -1, module.attention_head_size)
+        return tuple(projection(hidden_states).view(shape).transpose(-3, -2)
+                     for projection in (module.query, module.key, module.value))
+
+    def score_scale(self, module, head_dim):
+        return module.scaling
 
 
-BERT = _BertLike("bert", "transformers.models.bert.modeling_bert", "BertModel", "BertSelfAttention", "BertEmbeddings",
-                 positions_after_padding_idx=False)
-ROBERTA = _BertLike("roberta", "transformers.models.roberta.modeling_roberta", "RobertaModel", "RobertaSelfAttention",
-                    "RobertaEmbeddings", positions_after_padding_idx=True)
+BERT = BertLike("bert", "Bert", sequence_head=BASE_POOLER, reference_backbone="bert")
+ROBERTA = BertLike("roberta", "Roberta", positions_after_padding_idx=True, reference_backbone="roberta")

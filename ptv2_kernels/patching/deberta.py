@@ -9,11 +9,11 @@
   ``max_relative_positions ± span`` rows, span ``min(N, max_relative_positions)``; v2: ``pos_key_proj``/
   ``pos_query_proj``, or ``key_proj``/``query_proj`` with ``share_att_key``, over the first ``2·pos_ebd_size``
   rows) after ``pos_dropout``, and the distance-to-row tables of transformers' relative positions (plain or log
-  buckets), clamped as transformers clamps them. The Triton kernels gather c2p/p2c per tile (no ``[B, H, N, N]``
-  tensor); prefix columns get the content score only.
+  buckets), clamped as transformers clamps them (:class:`RelativeTerms`, which packed serving uses too). The Triton
+  kernels gather c2p/p2c per tile (no ``[B, H, N, N]`` tensor); prefix columns get the content score only.
 - Absolute positions (``position_biased_input=True`` only) shift by P, as the P-Tuning v2 reference's DeBERTa
-  models do for ``past_key_values`` of length P: positions ``P … P+N-1``. Explicit ``position_ids`` are used
-  as given. Relative positions are not shifted.
+  models do for ``past_key_values`` of length P: positions ``P … P+N-1`` (the embeddings pre-hook every family
+  shares, :mod:`.positions`). Explicit ``position_ids`` are used as given. Relative positions are not shifted.
 
 DeBERTa's model forward, unlike BERT's, does not pass extra keyword arguments down to its layers. So the base
 model's instance ``forward`` takes this forward's :class:`PrefixCall`, and an encoder pre-hook hands it to every
@@ -34,7 +34,7 @@ from torch import nn
 
 from ..ops.disentangled import DisentangledBias
 from . import compat
-from .base import ModelFamily, PrefixCall, bound_arguments, take_call
+from .base import CONTEXT_POOLER, ModelFamily, PrefixCall, bound_arguments, take_call
 
 SUPPORTED_POS_ATT_TYPES = ("c2p", "p2c")
 _ATTENTION_ARGUMENTS = ("hidden_states", "attention_mask", "output_attentions", "query_states", "relative_pos",
@@ -61,16 +61,9 @@ class _RelativePositions(torch.Tensor):
         return carrier
 
 
-def _tables_for(cache: dict, relative_pos: torch.Tensor, span: int) -> DisentangledBias:
-    """The forward's c2p/p2c index tables for ``span`` (built once per forward and span, kept in ``cache``)."""
-    if span not in cache:
-        cache[span] = DisentangledBias.from_relative_positions(relative_pos, span)
-    return cache[span]
-
-
 class _CallRelay:
-    """Within one forward of the patched base model: hands its :class:`PrefixCall` to the embeddings (position
-    shift) and to the encoder (``relative_pos`` carrier). ``remove()`` undoes it (a handle for ``unpatch_model``).
+    """Within one forward of the patched base model: hands its :class:`PrefixCall` to the encoder (``relative_pos``
+    carrier). ``remove()`` undoes it (a handle for ``unpatch_model``).
     Bound methods and partials only, so ``copy.deepcopy`` of a patched model copies the relay with it."""
 
     def __init__(self, base_model: nn.Module):
@@ -80,32 +73,9 @@ class _CallRelay:
         self._previous_forward = base_model.__dict__.get("forward")
         forward = functools.partial(_relayed_forward, self, base_model.forward)
         base_model.forward = functools.update_wrapper(forward, base_model.forward)  # keeps the signature
-        self._handles = [
-            base_model.embeddings.register_forward_pre_hook(self._shift_positions, with_kwargs=True),
-            base_model.encoder.register_forward_pre_hook(self._carry_call, with_kwargs=True),
-        ]
+        self._handle = base_model.encoder.register_forward_pre_hook(self._carry_call, with_kwargs=True)
         for layer in base_model.encoder.layer:
             setattr(layer.attention.self, RELAY_ATTR, self)
-
-    def _shift_positions(self, embeddings, args, kwargs):
-        """Embeddings pre-hook: positions ``P … P+N-1`` (checked against ``max_position_embeddings`` before any
-        kernel runs), when the embeddings have absolute positions and none were given."""
-        if self.call is None or embeddings.position_embeddings is None:
-            return None
-        bound = bound_arguments(embeddings, args, kwargs)
-        arguments = bound.arguments
-        if arguments.get("position_ids") is not None:
-            return None
-        inputs = arguments.get("input_ids")
-        length = (inputs if inputs is not None else arguments["inputs_embeds"]).shape[1]
-        prefix_len = self.call.prefix.shape[-2]
-        max_positions = embeddings.position_embeddings.num_embeddings
-        if prefix_len + length > max_positions:
-            raise ValueError(f"sequence length N={length} with prefix_len P={prefix_len} needs position ids up to "
-                             f"{prefix_len + length - 1}, but max_position_embeddings is {max_positions}: use "
-                             f"N <= {max_positions - prefix_len} (absolute positions shift by P)")
-        arguments["position_ids"] = embeddings.position_ids[:, prefix_len:prefix_len + length]
-        return bound.args, bound.kwargs
 
     def _carry_call(self, encoder, args, kwargs):
         """Encoder pre-hook: ``relative_pos`` = transformers' relative positions carrying the call."""
@@ -126,8 +96,7 @@ class _CallRelay:
         return bound.args, bound.kwargs
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        self._handle.remove()
         for layer in self._base.encoder.layer:
             delattr(layer.attention.self, RELAY_ATTR)
         if self._previous_forward is None:
@@ -164,28 +133,46 @@ def _attention_forward(family: "_DebertaFamily", module: nn.Module, hidden_state
         raise RuntimeError("a patched DeBERTa self-attention module was called outside a forward of its patched "
                            "model (no prefix call in relative_pos); call the model, or unpatch_model it first")
     q, k, v = family.project(module, hidden_states)
-    scale_factor = 1 + len(module.pos_att_type)
-    disentangled = None
-    if module.relative_attention and rel_embeddings is not None and module.pos_att_type:
-        span, rows = family.relative_rows(module, relative_pos.shape[-1])
-        embeddings = module.pos_dropout(rel_embeddings)[rows]
-        pos_key, pos_query = (None if projection is None else _heads(projection(embeddings), module, q.dtype)
-                              for projection in family.relative_projections(module))
-        disentangled = _tables_for(tables, relative_pos, span).with_embeddings(pos_key, pos_query)
-    out = call.attend(module, q, k, v, scale=1.0 / math.sqrt(q.shape[-1] * scale_factor),
-                      dropout_p=module.dropout.p if module.training else 0.0, disentangled_bias=disentangled)
+    terms = RelativeTerms(family, rel_embeddings, relative_pos, tables)
+    out = call.attend(module, q, k, v, scale=family.score_scale(module, q.shape[-1]),
+                      dropout_p=module.dropout.p if module.training else 0.0,
+                      disentangled_bias=terms.of(module, q.dtype))
     return out.transpose(1, 2).flatten(2), None
 
 
-def _heads(projected: torch.Tensor, module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """Projected relative embeddings ``[R, H·D]`` as ``[H, R, D]`` in the activations' dtype."""
-    return projected.unflatten(-1, (module.num_attention_heads, -1)).transpose(0, 1).to(dtype)
+class RelativeTerms:
+    """DeBERTa's c2p/p2c terms of one forward, for the padded patch and packed serving alike: the encoder's relative
+    embeddings ``rel_embeddings`` and transformers' relative positions ``relative_pos`` ``[1, N, N]`` (of the longest
+    row when packed); the index tables are built once per attention span (kept in ``tables``), the projected
+    relative embeddings per layer."""
+
+    def __init__(self, family: "_DebertaFamily", rel_embeddings, relative_pos, tables: dict):
+        self.family, self.embeddings, self.positions, self.tables = family, rel_embeddings, relative_pos, tables
+
+    def of(self, module: nn.Module, dtype: torch.dtype) -> Optional[DisentangledBias]:
+        """The layer's :class:`DisentangledBias` with its own projections (activations' ``dtype``), or None (no
+        relative attention, or no c2p/p2c)."""
+        if not (module.relative_attention and self.embeddings is not None and module.pos_att_type):
+            return None
+        span, rows = self.family.relative_rows(module, self.positions.shape[-1])
+        if span not in self.tables:
+            self.tables[span] = DisentangledBias.from_relative_positions(self.positions, span)
+        embeddings = module.pos_dropout(self.embeddings)[rows]
+        heads = module.num_attention_heads
+        pos_key, pos_query = (None if projection is None else
+                              projection(embeddings).unflatten(-1, (heads, -1)).transpose(0, 1).to(dtype)
+                              for projection in self.family.relative_projections(module))
+        return self.tables[span].with_embeddings(pos_key, pos_query)
 
 
 class _DebertaFamily(ModelFamily):
     """DeBERTa layout: ``base.encoder.layer[i].attention.self``, ``base.embeddings``, ``base.encoder``."""
 
     attention_class = "DisentangledSelfAttention"
+    disentangled = True
+    sequence_head = CONTEXT_POOLER
+    peft_format_covers = False  # PEFT's prefix tuning refuses DeBERTa, so no adapter file of it exists
+    reference_backbone = "deberta"
 
     def check_config(self, config) -> None:
         """pos_att_type: distinct c2p/p2c only (so v1's and v2's score scales agree: 1 + len(pos_att_type))."""
@@ -204,7 +191,7 @@ class _DebertaFamily(ModelFamily):
         module = self._module()
         for part, class_name, arguments, attributes in (
                 ("embeddings", self.embeddings_class, ("input_ids", "position_ids", "inputs_embeds"),
-                 ("position_embeddings", "position_ids")),
+                 ("position_embeddings",)),
                 ("encoder", self.encoder_class, ("hidden_states", "relative_pos", "query_states"), ("get_rel_pos",))):
             cls = compat.require_module_class(module, class_name, part)
             compat.require_instance(getattr(base_model, part, None), cls, f"{self.base_class}.{part}")
@@ -224,7 +211,20 @@ class _DebertaFamily(ModelFamily):
         return names + (["pos_dropout"] if getattr(attention, "relative_attention", False) else [])
 
     def input_hooks(self, base_model: nn.Module, prefix_len: int) -> list:
-        return [_CallRelay(base_model)]
+        return super().input_hooks(base_model, prefix_len) + [_CallRelay(base_model)]
+
+    def score_scale(self, module, head_dim):
+        """``1/sqrt(D * (1 + len(pos_att_type)))``: c2p and p2c each add a term of the content score's size."""
+        return 1.0 / math.sqrt(head_dim * (1 + len(module.pos_att_type)))
+
+    def relative_terms(self, base_model, seq_len, probe):
+        encoder = base_model.encoder
+        return RelativeTerms(self, encoder.get_rel_embedding(), encoder.get_rel_pos(probe.new_empty(seq_len, 0)), {})
+
+    def check_packed(self, base_model):
+        if getattr(base_model, "z_steps", 0) > 1:
+            raise ValueError(f"packed inference does not support DeBERTa's enhanced mask decoding "
+                             f"(z_steps={base_model.z_steps})")
 
     @abc.abstractmethod
     def project(self, module: nn.Module, hidden_states: torch.Tensor) -> tuple:
@@ -317,6 +317,9 @@ class _DebertaV2(_DebertaFamily):
 
     def relative_rows(self, module, seq_len):
         return module.pos_ebd_size, slice(0, 2 * module.pos_ebd_size)
+
+    def packed_conv(self, base_model):
+        return getattr(base_model.encoder, "conv", None)
 
     def relative_projections(self, module):
         kinds = module.pos_att_type

@@ -8,7 +8,7 @@ Formats:
   safetensors file of its head weights when it has its own);
 - a PEFT 0.21 prefix-tuning adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``
   with ``prompt_embeddings`` ``[P, 2·L·hidden]`` and, for classification, ``base_model.classifier.*``);
-  BERT/RoBERTa only: PEFT refuses DeBERTa (no ``past_key_values``);
+  every family but DeBERTa (``ModelFamily.peft_format_covers``: PEFT refuses DeBERTa);
 - a P-Tuning v2 reference (THUDM) checkpoint: the prefix encoder's state dict (``embedding.weight``
   ``[P, 2·L·hidden]``, or with projection ``embedding.weight`` ``[P, hidden]``, ``trans.0.*``, ``trans.2.*``), or
   the reference model's whole state dict (``prefix_encoder.*`` beside the frozen backbone ``bert.*`` /
@@ -28,21 +28,21 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from .. import peft_adapter
+from ..peft_adapter import ADAPTER_CONFIG, FEATURE_EXTRACTION, check_model_type, read_adapter, write_adapter
 from ..errors import CheckpointError
+from ..patching import FAMILIES
+from ..patching.base import BASE_POOLER, CONTEXT_POOLER
 from ..prefix_encoder import PrefixEncoder, load_prefix, prefix_from_flat, save_prefix
-from .heads import DEBERTA_MODEL_TYPES, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
+from .heads import SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
 
 BANK_INDEX = "tasks.json"
 BANK_FORMAT = "ptv2-prefix-bank"
 BANK_VERSION = 1
 BANK_ENTRY_FIELDS = ("name", "prefix", "head")
-PEFT_CONFIG = peft_adapter.ADAPTER_CONFIG
+PEFT_CONFIG = ADAPTER_CONFIG
 PEFT_TASK_TYPES = {SEQUENCE_CLASSIFICATION: "SEQ_CLS", TOKEN_CLASSIFICATION: "TOKEN_CLS"}
 THUDM_PLAIN_KEYS = {"embedding.weight"}
 THUDM_PROJECTION_KEYS = {"embedding.weight", "trans.0.weight", "trans.0.bias", "trans.2.weight", "trans.2.bias"}
-# the attribute holding the frozen backbone in the reference's models (model/sequence_classification.py, ...)
-THUDM_BACKBONES = {"bert": "bert.", "roberta": "roberta.", "deberta": "deberta.", "deberta-v2": "deberta."}
 
 
 @dataclass
@@ -198,9 +198,9 @@ def read_bank(server, directory) -> Dict[str, TaskCheckpoint]:
 # ---- PEFT adapters (the format lives in ptv2_kernels.peft_adapter) -------------------------------------------
 def read_peft_adapter(server, directory) -> TaskCheckpoint:
     """A PEFT prefix-tuning adapter directory (``prompt_embeddings`` and classifier weights, if any), checked
-    against the server: BERT/RoBERTa, its depth, heads, width, P and kind of head."""
+    against the server: its family, depth, heads, width, P and kind of head."""
     served = server.prefix_config
-    adapter = peft_adapter.read_adapter(
+    adapter = read_adapter(
         directory, model_type=server.model.config.model_type, num_layers=served.num_hidden_layers,
         num_heads=served.num_heads, hidden_size=served.hidden_size, prefix_len=served.prefix_len,
         task_type=PEFT_TASK_TYPES.get(server.head.kind), head_name=server.head.module_name)
@@ -213,11 +213,11 @@ def write_peft_adapter(server, task: str, directory) -> None:
     server's (unpatched) model with identical outputs. Classification models get the task's effective
     classifier (its own or the model's) in ``modules_to_save``."""
     source = f"PEFT export of task {task!r}"
-    peft_adapter.check_model_type(server.model.config.model_type, source)
+    check_model_type(server.model.config.model_type, source)
     _check_full_depth(server, source)
     head = None if server.head.module_name is None else server.task_head(task) or server.head.module.state_dict()
-    peft_adapter.write_adapter(directory, server.task_prefix(task).float(),
-                               task_type=PEFT_TASK_TYPES.get(server.head.kind, peft_adapter.FEATURE_EXTRACTION),
+    write_adapter(directory, server.task_prefix(task).float(),
+                               task_type=PEFT_TASK_TYPES.get(server.head.kind, FEATURE_EXTRACTION),
                                head=head, name_or_path=server.model.__dict__.get("name_or_path"))
 
 
@@ -267,9 +267,13 @@ def read_thudm_state_dict(server, state: Union[dict, str, Path], *, head: bool =
 def _check_thudm_backbone(server, state: dict, source) -> None:
     """CheckpointError if the reference checkpoint's frozen backbone is another model type or differs from the
     served model's weights (compared where a tensor of the same name and shape exists)."""
-    model_type = server.model.config.model_type
-    prefix = THUDM_BACKBONES[model_type]
-    others = sorted({p for p in THUDM_BACKBONES.values() if p != prefix and any(k.startswith(p) for k in state)})
+    family, model_type = server.head.family, server.model.config.model_type
+    if family.reference_backbone is None:
+        raise CheckpointError(f"{source} is a whole P-Tuning v2 reference model, but the reference has no "
+                              f"{model_type} models; load the prefix encoder's state dict alone")
+    prefix = family.reference_backbone + "."
+    backbones = {f.reference_backbone + "." for f in FAMILIES.values() if f.reference_backbone}
+    others = sorted(p for p in backbones if p != prefix and any(k.startswith(p) for k in state))
     if others:
         raise CheckpointError(f"{source} is a reference checkpoint of another model type ({others[0]}* keys); the "
                               f"server runs a {model_type!r} model ({prefix}* keys)")
@@ -289,15 +293,17 @@ def _thudm_head(server, state: dict, source) -> Optional[Dict[str, torch.Tensor]
     if server.head.module is None:
         raise CheckpointError(f"{source} holds a task head (classifier.*) but this server outputs "
                               f"{server.head.kind}s; load its prefix alone with head=False")
-    model_type = server.model.config.model_type
-    if server.head.kind != SEQUENCE_CLASSIFICATION or model_type == "bert":
+    family, model_type = server.head.family, server.model.config.model_type
+    if server.head.kind != SEQUENCE_CLASSIFICATION or family.sequence_head == BASE_POOLER:
         return classifier  # BERT: the pooler is the frozen backbone's (checked equal)
-    pooler_prefix = "roberta.pooler.dense." if model_type == "roberta" else "pooler.dense."
+    # the reference classifies the pooled output: RoBERTa's pooler is its backbone's, DeBERTa's the model's own
+    owner = "" if family.sequence_head == CONTEXT_POOLER else f"{family.reference_backbone}."
+    pooler_prefix = f"{owner}pooler.dense."
     pooler = {k[len(pooler_prefix):]: v for k, v in state.items() if k.startswith(pooler_prefix)}
     if set(pooler) != {"weight", "bias"}:
         raise CheckpointError(f"{source}: a {model_type} sequence-classification head needs {pooler_prefix}weight and "
                               f"{pooler_prefix}bias beside classifier.* (the reference classifies the pooled output)")
-    if model_type in DEBERTA_MODEL_TYPES:
+    if family.sequence_head == CONTEXT_POOLER:
         return {**{f"pooler.dense.{k}": v for k, v in pooler.items()},
                 **{f"classifier.{k}": v for k, v in classifier.items()}}
     return {**{f"dense.{k}": v for k, v in pooler.items()}, **{f"out_proj.{k}": v for k, v in classifier.items()}}

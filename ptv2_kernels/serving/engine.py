@@ -11,26 +11,30 @@
   family) or padded (``packed=False``).
 - ``submit`` / ``predict_async`` feed the background batcher, the one thread that runs the model (under
   ``torch.inference_mode``): a bounded queue (``max_queue`` requests; beyond it :class:`ServerOverloaded`),
-  per-request deadlines, dynamic batching for up to ``max_wait_ms``. ``close`` drains it.
+  per-request deadlines, dynamic batching for up to ``max_wait_ms``. A request whose future is cancelled (its
+  caller stopped waiting: an HTTP client that disconnected, a cancelled or timed-out ``predict_async``) leaves
+  the queue at once, so no batch waits for it or computes it. ``close`` drains the queue.
 """
 
 import asyncio
+import functools
+import itertools
 import logging
 import math
 import numbers
 import threading
 import time
-from collections import deque
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .. import patch_model
+from ..patching import patch_model
 from .heads import Head
-from .packed import PACKED_MODEL_TYPES, packed_forward
+from .packed import packed_forward
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,11 @@ UNKNOWN_TASK = "unknown_task"
 INVALID_INPUT = "invalid_input"
 INFERENCE_FAILED = "inference_failed"
 DEADLINE_EXCEEDED = "deadline_exceeded"
+
+
+def unknown_task_message(task: str, known) -> str:
+    """The error of a request for a task the server does not serve."""
+    return f"unknown task {task!r}; served tasks: {list(known)}"
 
 
 def _type_name(value) -> str:
@@ -145,6 +154,15 @@ class BatchStats:
     seconds: float
 
 
+class RequestsRefused(ValueError):
+    """``predict_async(..., all_or_none=True)`` refused some requests before queueing any: ``failed`` holds
+    ``(index, error Result)`` of every refused request, in order."""
+
+    def __init__(self, failed: List[Tuple[int, Result]]):
+        super().__init__(f"{len(failed)} request(s) refused, first requests[{failed[0][0]}]: {failed[0][1].error}")
+        self.failed = failed
+
+
 class ServerOverloaded(RuntimeError):
     """The batcher's queue is full (``max_queue`` requests waiting): retry after ``retry_after_s`` seconds."""
 
@@ -221,17 +239,12 @@ class PrefixServer:
         self.device, self.dtype = parameter.device, parameter.dtype
         self.encoder.to(self.dtype).requires_grad_(False)
         self.encoder.prefix.zero_()
-        self.packed = model.config.model_type in PACKED_MODEL_TYPES if packed is None else packed
+        self.packed = self.head.family.serves_packed if packed is None else packed
         self._packed_forward, self._base_forward = packed_forward, model.base_model
         if torch_compile:
             self._packed_forward = torch.compile(packed_forward, dynamic=True)
             self._base_forward = torch.compile(model.base_model, dynamic=True)
-        embeddings = model.base_model.embeddings
-        if embeddings.position_embeddings is None:  # DeBERTa with relative positions only
-            self.max_length = model.config.max_position_embeddings
-        else:
-            first_position = embeddings.padding_idx + 1 if model.config.model_type == "roberta" else 0
-            self.max_length = embeddings.position_embeddings.num_embeddings - first_position - prefix_len
+        self.max_length = self.head.family.max_length(model.base_model, prefix_len)
         if tokenizer is not None and tokenizer.model_max_length:
             self.max_length = min(self.max_length, tokenizer.model_max_length)
         self._slots: Dict[str, int] = {}
@@ -241,8 +254,9 @@ class PrefixServer:
         self._model_lock = threading.RLock()
         self._tasks_lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()  # fast tokenizers must not be called from two threads at once
-        self._cond = threading.Condition()  # the batcher's queue
-        self._pending: Deque[_Item] = deque()
+        self._cond = threading.Condition()  # the batcher's queue, in arrival order; guards _cancelled too
+        self._pending: "OrderedDict[int, _Item]" = OrderedDict()  # id(item) -> item
+        self._cancelled = 0
         self._worker: Optional[threading.Thread] = None
         self._closed = False
         self._seconds_per_row = 0.0  # moving average, for ServerOverloaded.retry_after_s
@@ -335,7 +349,7 @@ class PrefixServer:
     def _slot(self, name) -> int:
         _check_name("name", name)
         if name not in self._slots:
-            raise KeyError(f"unknown task {name!r}; served tasks: {list(self._slots)}")
+            raise KeyError(unknown_task_message(name, self._slots))
         return self._slots[name]
 
     def remove_task(self, name: str) -> None:
@@ -371,22 +385,43 @@ class PrefixServer:
             raise TypeError(f"request must be a Request, got {_type_name(request)}")
         return self._enqueue(self._prepare([request]), timeout_s)[0]
 
-    async def predict_async(self, requests: Sequence[Request], *, timeout_s: Optional[float] = None) -> List[Result]:
+    def refusals(self, requests: Sequence[Request]) -> List[Tuple[int, Result]]:
+        """``(index, error Result)`` of every request of ``requests`` the server would refuse before batching
+        (unknown task, ids outside the vocabulary, too long, a text the tokenizer refuses); nothing is queued."""
+        return _refused(self._prepare(_check_requests(requests)))
+
+    async def predict_async(self, requests: Sequence[Request], *, timeout_s: Optional[float] = None,
+                            all_or_none: bool = False) -> List[Result]:
         """:meth:`predict` through the background batcher, awaited: all of ``requests`` are queued at once (or
         none: :class:`ServerOverloaded`), batched with other callers' requests, and awaited together; after
-        ``timeout_s`` the ones not yet run are withdrawn and TimeoutError is raised."""
-        futures = self._enqueue(self._prepare(_check_requests(requests)), timeout_s)
+        ``timeout_s`` the ones not yet run are withdrawn and TimeoutError is raised, and if the awaiting task is
+        cancelled they leave the queue too. ``all_or_none``: if any request is refused before batching (see
+        :meth:`refusals`), none is queued and :class:`RequestsRefused` names every refused one."""
+        if not isinstance(all_or_none, bool):
+            raise TypeError(f"all_or_none must be a bool, got {_type_name(all_or_none)} {all_or_none!r}")
+        items = self._prepare(_check_requests(requests))
+        if all_or_none and _refused(items):
+            raise RequestsRefused(_refused(items))
+        futures = self._enqueue(items, timeout_s)
+        waiting = [asyncio.wrap_future(future) for future in futures]
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)), timeout_s))
-        except asyncio.TimeoutError:
+            _, late = await asyncio.wait(waiting, timeout=timeout_s) if waiting else ((), ())
+        finally:  # timed out or cancelled: what has not run leaves the queue (a no-op on finished futures)
             for future in futures:
                 future.cancel()
-            raise TimeoutError(f"{len(futures)} request(s) got no result within timeout_s={timeout_s}") from None
+        if late:
+            raise TimeoutError(f"{len(late)} of {len(futures)} request(s) got no result within timeout_s={timeout_s}")
+        return [result.result() for result in waiting]
 
     @property
     def queue_depth(self) -> int:
         """Requests waiting for the batcher."""
         return len(self._pending)
+
+    @property
+    def cancelled_requests(self) -> int:
+        """Requests dropped from the queue unrun because their future was cancelled (the caller stopped waiting)."""
+        return self._cancelled
 
     def on_batch(self, callback: Callable[[BatchStats], None]) -> None:
         """Call ``callback(BatchStats)`` after every batch (metrics); its exceptions are logged, not raised."""
@@ -424,6 +459,8 @@ class PrefixServer:
             item.future = Future()
             if item.result is not None:
                 item.future.set_result(item.result)
+            else:
+                item.future.add_done_callback(functools.partial(self._leave_queue, item))
             futures.append(item.future)
         with self._cond:
             if self._closed:
@@ -436,12 +473,19 @@ class PrefixServer:
             now = time.monotonic()
             for item in queued:
                 item.enqueued, item.deadline = now, None if timeout_s is None else now + timeout_s
-                self._pending.append(item)
+                self._pending[id(item)] = item
             if queued and self._worker is None:
                 self._worker = threading.Thread(target=self._serve_queue, name="ptv2-batcher", daemon=True)
                 self._worker.start()
             self._cond.notify()
         return futures
+
+    def _leave_queue(self, item: _Item, future: Future) -> None:
+        """Done-callback of a queued item's future: a cancelled one leaves the queue (and is counted)."""
+        if future.cancelled():
+            with self._cond:
+                self._pending.pop(id(item), None)
+                self._cancelled += 1
 
     def _cost(self, items) -> int:
         """Token cost of running ``items`` as one batch (packed: real tokens; padded: rows × longest row)."""
@@ -449,32 +493,45 @@ class PrefixServer:
         return sum(lengths) if self.packed else len(lengths) * max(lengths, default=0)
 
     def _serve_queue(self) -> None:
-        """Batcher loop: wait for the first request, gather more for up to ``max_wait_ms`` (or until the batch
-        size or token budget is reached), take a batch in arrival order and run it; exit when closed and empty."""
+        """Batcher loop: run the next batch until the server is closed and the queue empty."""
         while True:
             with self._cond:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
-                if not self._pending:
-                    return
-                deadline = self._pending[0].enqueued + self.max_wait_ms / 1e3
-                while not self._closed and len(self._pending) < self.max_batch_size and self._cost(
-                        list(self._pending)[:self.max_batch_size]) < self.max_batch_tokens:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
-                batch = [self._pending.popleft()]
-                while (self._pending and len(batch) < self.max_batch_size
-                       and self._cost(batch + [self._pending[0]]) <= self.max_batch_tokens):
-                    batch.append(self._pending.popleft())
+                batch = self._next_batch()
+            if batch is None:
+                return
             self._run_queued(batch)
+
+    def _next_batch(self) -> Optional[List[_Item]]:
+        """(Under ``_cond``.) Wait for the first request, gather more for up to ``max_wait_ms`` after its arrival
+        (or until the batch size or token budget is reached), then take a batch in arrival order; None once
+        closed and empty. Requests cancelled meanwhile have left the queue: they neither fill nor join it."""
+        while True:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            deadline = next(iter(self._pending.values())).enqueued + self.max_wait_ms / 1e3
+            while (self._pending and not self._closed and len(self._pending) < self.max_batch_size
+                   and self._cost(self._pending.values()) < self.max_batch_tokens):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch = []
+            for item in itertools.islice(self._pending.values(), self.max_batch_size):
+                if batch and self._cost(batch + [item]) > self.max_batch_tokens:
+                    break
+                batch.append(item)
+            for item in batch:
+                del self._pending[id(item)]
+            if batch:
+                return batch
 
     def _run_queued(self, batch: List[_Item]) -> None:
         now, live = time.monotonic(), []
         for item in batch:
             if not item.future.set_running_or_notify_cancel():
-                continue  # withdrawn by its caller (predict_async's timeout)
+                continue  # cancelled after it left the queue for this batch (counted by _leave_queue)
             if item.deadline is not None and now > item.deadline:
                 item.fail(DEADLINE_EXCEEDED, "the request's deadline passed before it could run (server busy)")
                 item.future.set_result(item.result)
@@ -499,7 +556,7 @@ class PrefixServer:
         texts = []
         for item in items:
             if item.request.task not in known:
-                item.fail(UNKNOWN_TASK, f"unknown task {item.request.task!r}; served tasks: {known}")
+                item.fail(UNKNOWN_TASK, unknown_task_message(item.request.task, known))
             elif item.request.input_ids is not None:
                 self._check_ids(item)
             elif self.tokenizer is None:
@@ -593,8 +650,7 @@ class PrefixServer:
                 known = [item for item in batch if item.request.task in self._slots]
                 for item in batch:
                     if item.request.task not in self._slots:
-                        item.fail(UNKNOWN_TASK, f"unknown task {item.request.task!r}; served tasks: "
-                                                f"{list(self._slots)}")
+                        item.fail(UNKNOWN_TASK, unknown_task_message(item.request.task, self._slots))
                 slots = [self._slots[i.request.task] for i in known]
                 heads = [self._heads[i.request.task] for i in known]
             if not known:
@@ -636,6 +692,10 @@ class PrefixServer:
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         states = self._base_forward(**inputs, task_ids=task_ids).last_hidden_state
         return states[mask.to(self.device)], cu_seqlens
+
+
+def _refused(items: List[_Item]) -> List[Tuple[int, Result]]:
+    return [(item.index, item.result) for item in items if item.result is not None]
 
 
 def _check_requests(requests) -> List[Request]:

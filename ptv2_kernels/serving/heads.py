@@ -13,11 +13,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..patching import family_of
+from ..patching.base import BASE_POOLER, CONTEXT_POOLER
+
 SEQUENCE_CLASSIFICATION = "sequence-classification"
 TOKEN_CLASSIFICATION = "token-classification"
 EMBEDDING = "embedding"
-DEBERTA_MODEL_TYPES = ("deberta", "deberta-v2")
-SERVED_MODEL_TYPES = ("bert", "roberta", *DEBERTA_MODEL_TYPES)
 
 
 class PooledClassifier(nn.Module):
@@ -35,8 +36,9 @@ class PooledClassifier(nn.Module):
 class Head:
     """What a served model outputs per request, from its class.
 
-    - ``*ForSequenceClassification``: ``logits`` ``[num_labels]`` (BERT: pooler then ``classifier``;
-      RoBERTa: ``classifier`` on the ``<s>`` state; DeBERTa: :class:`PooledClassifier`).
+    - ``*ForSequenceClassification``: ``logits`` ``[num_labels]``, as the family's ``sequence_head`` says (BERT:
+      pooler then ``classifier``; RoBERTa, ELECTRA: ``classifier`` on the first token's state; DeBERTa:
+      :class:`PooledClassifier`).
     - ``*ForTokenClassification``: ``logits`` ``[n, num_labels]``, one row per input token.
     - a bare base model (``BertModel``, ``DebertaV2Model``, ...): ``embedding`` ``[hidden]``, the mean of the
       token states (sentence-transformers pooling).
@@ -47,10 +49,8 @@ class Head:
 
     def __init__(self, model: nn.Module):
         name = type(model).__name__
+        self.family = family_of(model)  # TypeError for a model of no known family
         self.base = model.base_model
-        if self.base.config.model_type not in SERVED_MODEL_TYPES:
-            raise TypeError(f"serving supports {SERVED_MODEL_TYPES} models, got {name} (model type "
-                            f"{self.base.config.model_type!r})")
         if name.endswith("ForSequenceClassification"):
             self.kind, self.output_name = SEQUENCE_CLASSIFICATION, "logits"
         elif name.endswith("ForTokenClassification"):
@@ -60,12 +60,11 @@ class Head:
         else:
             raise TypeError(f"serving supports *ForSequenceClassification, *ForTokenClassification and bare base "
                             f"models; got {name}")
-        model_type = self.base.config.model_type
         self.module: Optional[nn.Module] = None if self.kind == EMBEDDING else model.classifier
         self.module_name: Optional[str] = None if self.kind == EMBEDDING else "classifier"
-        if self.kind == SEQUENCE_CLASSIFICATION and model_type in DEBERTA_MODEL_TYPES:
+        if self.kind == SEQUENCE_CLASSIFICATION and self.family.sequence_head == CONTEXT_POOLER:
             self.module, self.module_name = PooledClassifier(model.pooler, model.classifier), "pooler+classifier"
-        self._cls_pooler = self.kind == SEQUENCE_CLASSIFICATION and model_type == "bert"
+        self._cls_pooler = self.kind == SEQUENCE_CLASSIFICATION and self.family.sequence_head == BASE_POOLER
 
     def check_state(self, state: Dict[str, torch.Tensor]) -> None:
         """ValueError naming missing, unexpected or mis-shaped keys of a task's head weights."""

@@ -5,7 +5,9 @@ Endpoints (every answer, errors included, is JSON; the schema is at ``/openapi.j
 - ``POST /v1/predict`` ``{"task"?: ..., "inputs": [{"task"?, "text"? , "text_pair"?, "input_ids"?,
   "token_type_ids"?}, ...]}`` (each input's task, else the request's: one request may mix tasks) →
   ``{"outputs": [{"task", "logits" | "embedding", "prediction" (classification), "num_tokens", "truncated"}]}``.
-  A request is answered whole or refused whole: the first bad input decides the status, ``details`` lists all.
+  A request is answered whole or refused whole, and nothing of a refused one runs: every input is checked in one
+  pass (a non-object entry, a field of the wrong type, no task, an unknown task, ids outside the vocabulary, ...);
+  the first bad input decides the status, ``details`` names every bad one in order.
 - ``GET /v1/tasks``: the tasks and the limits. Admin (an API key is required): ``POST /v1/tasks`` ``{"name",
   "source", "replace"?, "head"?}`` loads a ``save_prefix`` file, a PEFT adapter directory or a P-Tuning v2
   reference checkpoint (``name`` omitted: a bank directory) on the server's filesystem, all or nothing;
@@ -15,15 +17,19 @@ Endpoints (every answer, errors included, is JSON; the schema is at ``/openapi.j
 
 Statuses: 400 malformed HTTP or JSON, 401 missing/wrong API key, 403 admin without keys configured or a source
 outside ``task_root``, 404 unknown task or endpoint, 405 wrong method, 409 task exists / bank full, 413 body over
-``max_body_bytes``, 422 invalid request (types, too
-many inputs, ids outside the vocabulary, ``input_ids`` over ``max_length``; text is truncated instead, with
-``truncated: true``), 429 queue full (``Retry-After``), 500 inference failed, 504 deadline (``timeout_s``) passed.
-Errors are ``{"error": message, "code": code}`` (+ ``details``).
+``max_body_bytes`` (answered before the rest of the body is read, which is then read and dropped, so that
+clients that upload everything before reading get the answer), 422 invalid request (types, too many inputs, ids
+outside the vocabulary, ``input_ids`` over ``max_length``; text is truncated instead, with ``truncated: true``),
+429 queue full (``Retry-After``), 500 inference failed, 504 deadline (``timeout_s``) passed. Errors are
+``{"error": message, "code": code}`` (+ ``details``).
 
 Concurrency: the handlers await :meth:`PrefixServer.predict_async` on uvicorn's event loop; the engine's batcher
-thread runs the model, so concurrent clients share mixed-task batches.
+thread runs the model, so concurrent clients share mixed-task batches. A client that disconnects before its answer
+cancels its handler, and its queued inputs leave the engine's queue unrun.
 """
 
+import asyncio
+import contextlib
 import hmac
 import json
 import math
@@ -31,17 +37,18 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 try:
     import uvicorn
-    from fastapi import Depends, FastAPI
+    from fastapi import Body, Depends, FastAPI
     from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+    from prometheus_client.core import CounterMetricFamily
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
     from starlette.exceptions import HTTPException
 except ImportError as missing:  # pragma: no cover  (the optional extra is not installed)
     raise ImportError(f"ptv2_kernels.serving.http needs the [serve] extra (fastapi, uvicorn, prometheus-client): "
@@ -50,10 +57,12 @@ except ImportError as missing:  # pragma: no cover  (the optional extra is not i
 from ..errors import CheckpointError
 from .checkpoints import BANK_INDEX, load_bank, load_task
 from .engine import (DEADLINE_EXCEEDED, INFERENCE_FAILED, INVALID_INPUT, UNKNOWN_TASK, BatchStats, PrefixServer,
-                     Request, Result, ServerOverloaded)
+                     Request, RequestsRefused, Result, ServerOverloaded, unknown_task_message)
 from .heads import SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
 
-STATUS_OF_CODE = {UNKNOWN_TASK: 404, INVALID_INPUT: 422, INFERENCE_FAILED: 500, DEADLINE_EXCEEDED: 504}
+INVALID_REQUEST = "invalid_request"  # the HTTP request itself (JSON types, fields, no task): 422
+STATUS_OF_CODE = {UNKNOWN_TASK: 404, INVALID_INPUT: 422, INVALID_REQUEST: 422, INFERENCE_FAILED: 500,
+                  DEADLINE_EXCEEDED: 504}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -62,12 +71,17 @@ class HTTPSettings:
     """Limits and auth of the HTTP front.
 
     ``api_keys``: Bearer keys; empty: the predict and read endpoints are open and the admin endpoints refused
-    (403). ``max_body_bytes``: request body limit (413). ``max_inputs``: inputs per request (422).
-    ``timeout_s``: per-request deadline (504). ``task_root``: admin loads must name a path inside it (None: any
-    path the server can read). ``warm_up``: one dummy forward before ``/ready`` turns 200."""
+    (403). ``max_body_bytes``: request body limit (413). ``drain_bytes``, ``drain_timeout_s``: after a 413, how
+    much of the rest of the body is read and dropped, for how long at most, before the connection closes (a
+    client that sends its whole body before reading gets the answer, not a reset, within these bounds).
+    ``max_inputs``: inputs per request (422). ``timeout_s``: per-request deadline (504). ``task_root``: admin
+    loads must name a path inside it (None: any path the server can read). ``warm_up``: one dummy forward before
+    ``/ready`` turns 200."""
 
     api_keys: Tuple[str, ...] = ()
     max_body_bytes: int = 1 << 20
+    drain_bytes: int = 64 << 20
+    drain_timeout_s: float = 30.0
     max_inputs: int = 64
     timeout_s: float = 30.0
     task_root: Optional[str] = None
@@ -153,10 +167,51 @@ def result_json(engine: PrefixServer, result: Result) -> dict:
     return out
 
 
+def validation_problems(errors) -> List[dict]:
+    """pydantic's errors as ``{"field", "message", "type"}``, fields dotted (``inputs.2.text``)."""
+    return [{"field": ".".join(str(p) for p in e["loc"] if p != "body") or "body", "message": e["msg"],
+             "type": e["type"]} for e in errors]
+
+
+def invalid_request(problems: List[dict]) -> APIError:
+    summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
+    return APIError(422, INVALID_REQUEST, f"invalid request: {summary}", details=problems)
+
+
+def read_input(entry, default_task: Optional[str], known: List[str]) -> Union[Request, Tuple[str, str]]:
+    """One entry of ``inputs`` as a :class:`Request`, or ``(code, message)`` of its first problem, checked in this
+    order: a JSON object of the documented fields and types, a task (its own or the request's), a served task,
+    a valid combination of fields. The server's checks (vocabulary, length, tokenizer) come after."""
+    if not isinstance(entry, dict):
+        return INVALID_REQUEST, f"an input must be a JSON object, got {_preview(entry)}"
+    try:
+        fields = PredictInput.model_validate(entry)
+    except ValidationError as error:
+        return INVALID_REQUEST, "; ".join(f"{p['field']}: {p['message']}" for p in validation_problems(error.errors()))
+    task = fields.task or default_task
+    if task is None:
+        return INVALID_REQUEST, "no task: set this input's task or the request's task"
+    if task not in known:
+        return UNKNOWN_TASK, unknown_task_message(task, known)
+    try:
+        return Request(task, text=fields.text, text_pair=fields.text_pair, input_ids=fields.input_ids,
+                       token_type_ids=fields.token_type_ids)
+    except (TypeError, ValueError) as error:
+        return INVALID_REQUEST, str(error)
+
+
+def _preview(value) -> str:
+    """The start of ``value`` as JSON (its type if it is not JSON), for error messages."""
+    try:
+        return json.dumps(value)[:40]
+    except (TypeError, ValueError):
+        return type(value).__name__
+
+
 # ---- metrics ---------------------------------------------------------------------------------------------------
 class Metrics:
     """Prometheus metrics of one app (its own registry): HTTP requests by endpoint and status, latency, queue
-    depth, batch size and tokens per batch, rows served per task."""
+    depth, inputs dropped unrun because their client left, batch size and tokens per batch, rows served per task."""
 
     def __init__(self, engine: PrefixServer):
         self.registry = registry = CollectorRegistry()
@@ -166,6 +221,8 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=registry)
         self.queue = Gauge("ptv2_queue_depth", "requests waiting for the batcher", registry=registry)
         self.queue.set_function(lambda: engine.queue_depth)
+        registry.register(_EngineCounter("ptv2_requests_cancelled", "queued inputs dropped unrun because their client "
+                                         "disconnected (or stopped waiting)", lambda: engine.cancelled_requests))
         self.batch_size = Histogram("ptv2_batch_size", "requests per batch", registry=registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
         self.batch_tokens = Histogram("ptv2_batch_tokens", "real tokens per batch", registry=registry,
@@ -180,38 +237,52 @@ class Metrics:
             self.rows.labels(task).inc(stats.tasks.count(task))
 
 
-class _Middleware:
-    """Pure ASGI, around the routes: the body size limit (413 before the app sees an oversized body) and the HTTP
-    metrics."""
+class _EngineCounter:
+    """A Prometheus counter whose value the engine keeps (a custom collector)."""
 
-    def __init__(self, app, metrics: Metrics, max_body_bytes: int, paths):
-        self.app, self.metrics, self.max_body_bytes, self.paths = app, metrics, max_body_bytes, paths
+    def __init__(self, name: str, documentation: str, value):
+        self.name, self.documentation, self.value = name, documentation, value
+
+    def collect(self):
+        yield CounterMetricFamily(self.name, self.documentation, value=self.value())
+
+
+class _Middleware:
+    """Pure ASGI, around the routes: the body size limit (413 before the app sees an oversized body), dropping the
+    work of clients that leave before their answer, and the HTTP metrics (status ``499``: the client left)."""
+
+    def __init__(self, app, metrics: Metrics, settings: HTTPSettings, paths):
+        self.app, self.metrics, self.settings, self.paths = app, metrics, settings, paths
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
+        start, status, raised = time.perf_counter(), [], True
 
         async def send_status(message):
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status.append(message["status"])
             await send(message)
 
         try:
-            await self._limited(scope, receive, send_status)
+            await self._limited(scope, receive, send_status, status)
+            raised = False
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.paths else "other")
-            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+            answered = str(status[0]) if status else "500" if raised else "499"
+            self.metrics.requests.labels(endpoint, answered).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
-    async def _limited(self, scope, receive, send):
+    async def _limited(self, scope, receive, send, started):
         """Read the whole body first (at most ``max_body_bytes``; FastAPI would read it anyway), then run the app
         on it; an oversized body (declared or streamed) is answered 413 without reaching the app."""
-        limit = self.max_body_bytes
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await self._too_large(receive, send, int(declared))
+        limit = self.settings.max_body_bytes
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        declared = int(declared) if declared is not None and declared.isdigit() else None
+        if declared is not None and declared > limit:
+            return await self._too_large(headers, receive, send, declared, declared)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -221,20 +292,64 @@ class _Middleware:
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > limit:
-                return await self._too_large(receive, send, size)
-        replayed = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+                return await self._too_large(headers, receive, send, size, declared, more)
+        await self._unless_client_leaves(scope, b"".join(chunks), receive, send, started)
 
-        async def replay():
-            return replayed.pop() if replayed else await receive()
+    async def _unless_client_leaves(self, scope, body: bytes, receive, send, started):
+        """Run the app on the read ``body`` while watching the connection: if the client disconnects before the
+        answer starts, the app's task is cancelled (an awaited ``predict_async`` then takes its inputs out of the
+        engine's queue)."""
+        replayed = [{"type": "http.request", "body": body, "more_body": False}]
+        gone = asyncio.ensure_future(_disconnected(receive))
 
-        await self.app(scope, replay, send)
+        async def replay():  # the body, then the connection's end (the watcher is the one reading it)
+            return replayed.pop() if replayed else await asyncio.shield(gone)
 
-    async def _too_large(self, receive, send, size: int):
-        """413 without reading the rest of the body (uvicorn reads and drops it after the answer, so the client
-        finishes its upload and reads the answer instead of a broken pipe)."""
+        app = asyncio.ensure_future(self.app(scope, replay, send))
+        try:
+            await asyncio.wait((app, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not app.done() and not started:  # the client left before its answer
+                app.cancel()
+            await asyncio.wait((app,))
+        finally:
+            gone.cancel()
+            app.cancel()  # a no-op unless this middleware itself is cancelled
+        if not app.cancelled():
+            app.result()  # the app's exception, if it raised
+
+    async def _too_large(self, headers, receive, send, size: int, declared: Optional[int], more: bool = True):
+        """413, sent at once (a client that reads while it uploads stops early), then the rest of the body read and
+        dropped (at most ``drain_bytes``, for ``drain_timeout_s``) before the connection closes: closing a
+        socket with unread data sends a reset, which destroys the answer in a client that uploads everything
+        before it reads (urllib). Nothing to drain when the client waits for ``100 Continue`` (it sent no body)
+        or declared more than the drain cap (it would be reset anyway)."""
         response = error_response(413, "body_too_large", f"the request body ({size} bytes or more) is over the "
-                                                         f"{self.max_body_bytes}-byte limit")
-        await response({"type": "http"}, receive, send)
+                                                         f"{self.settings.max_body_bytes}-byte limit",
+                                  headers={"Connection": "close"})
+        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body, "more_body": True})
+        waits = headers.get(b"expect", b"").lower() == b"100-continue"
+        if more and not waits and (declared or 0) <= self.settings.drain_bytes:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(_drain(receive, self.settings.drain_bytes), self.settings.drain_timeout_s)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _drain(receive, limit: int) -> None:
+    """Read and drop the rest of a request body, at most ``limit`` bytes."""
+    while limit >= 0:
+        message = await receive()
+        limit -= len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+async def _disconnected(receive) -> dict:
+    """Wait for the client's disconnect (uvicorn also says so once the answer is complete); the message."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return message
 
 
 # ---- the app ---------------------------------------------------------------------------------------------------
@@ -287,36 +402,55 @@ def create_app(engine: PrefixServer, settings: HTTPSettings = HTTPSettings()) ->
         return APIError(429, "overloaded", str(error), headers={"Retry-After": str(max(1, math.ceil(
             error.retry_after_s)))})
 
-    class PredictRequest(BaseModel):
+    class PredictRequest(BaseModel):  # the documented body (/openapi.json)
         model_config = ConfigDict(extra="forbid")
         task: Optional[StrictStr] = Field(None, min_length=1, description="the task of inputs that name none")
         inputs: List[PredictInput] = Field(min_length=1, max_length=settings.max_inputs)
 
+    class PredictEnvelope(PredictRequest):  # checked first; then each input on its own, so all are named at once
+        inputs: List[Any] = Field(min_length=1, max_length=settings.max_inputs)
+
+    body_schema = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    predict_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/PredictRequest"}}}}}
+
     @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS, dependencies=[Depends(authorize)],
-              summary="Outputs of one or many inputs, any tasks mixed")
-    async def predict(body: PredictRequest):
-        requests = []
-        for index, entry in enumerate(body.inputs):
-            task = entry.task or body.task
-            if task is None:
-                raise APIError(422, "invalid_request", f"inputs[{index}] has no task: set inputs[{index}].task or "
-                                                       "the request's task")
-            try:
-                requests.append(Request(task, text=entry.text, text_pair=entry.text_pair, input_ids=entry.input_ids,
-                                        token_type_ids=entry.token_type_ids))
-            except (TypeError, ValueError) as error:
-                raise APIError(422, "invalid_request", f"inputs[{index}]: {error}") from None
+              openapi_extra=predict_body, summary="Outputs of one or many inputs, any tasks mixed")
+    async def predict(payload: Any = Body(None)):
+        if not isinstance(payload, dict):
+            raise APIError(422, INVALID_REQUEST, 'the body must be a JSON object {"task"?, "inputs": [...]}, got '
+                                                 f"{_preview(payload)}")
         try:
-            results = await engine.predict_async(requests, timeout_s=settings.timeout_s)
+            envelope = PredictEnvelope.model_validate(payload)
+        except ValidationError as error:
+            raise invalid_request(validation_problems(error.errors())) from None
+        known = engine.tasks()
+        bad, requests, positions = {}, [], []
+        for index, entry in enumerate(envelope.inputs):
+            request = read_input(entry, envelope.task, known)
+            if isinstance(request, Request):
+                requests.append(request)
+                positions.append(index)
+            else:
+                bad[index] = request
+        try:
+            if bad:
+                refused = engine.refusals(requests)
+            else:
+                results = await engine.predict_async(requests, timeout_s=settings.timeout_s, all_or_none=True)
+                refused = [(i, r) for i, r in enumerate(results) if r.error is not None]
+        except RequestsRefused as error:
+            refused = error.failed
         except ServerOverloaded as error:
             raise queue_full(error) from None
         except TimeoutError:
             raise APIError(504, DEADLINE_EXCEEDED, f"no result within {settings.timeout_s} s (server busy)") from None
-        failed = [(i, r) for i, r in enumerate(results) if r.error is not None]
-        if failed:
-            index, first = failed[0]
-            raise APIError(STATUS_OF_CODE.get(first.code, 500), first.code, f"inputs[{index}]: {first.error}",
-                           details=[{"input": i, "code": r.code, "error": r.error} for i, r in failed])
+        bad.update((positions[i], (r.code, r.error)) for i, r in refused)
+        if bad:
+            failed = sorted(bad.items())
+            index, (code, message) = failed[0]
+            raise APIError(STATUS_OF_CODE.get(code, 500), code, f"inputs[{index}]: {message}",
+                           details=[{"input": i, "code": c, "error": m} for i, (c, m) in failed])
         body_json = json.dumps({"outputs": [result_json(engine, r) for r in results]})
         return Response(body_json, media_type="application/json")
 
@@ -390,19 +524,27 @@ def create_app(engine: PrefixServer, settings: HTTPSettings = HTTPSettings()) ->
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, error: RequestValidationError):
-        problems = [{"field": ".".join(str(p) for p in e["loc"] if p != "body") or "body", "message": e["msg"],
-                     "type": e["type"]} for e in error.errors()]
+        problems = validation_problems(error.errors())
         if any(p["type"] == "json_invalid" for p in problems):
             return error_response(400, "invalid_json", f"the body is not valid JSON: {problems[0]['message']}")
-        summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
-        return error_response(422, "invalid_request", f"invalid request: {summary}", details=problems)
+        return await api_error(request, invalid_request(problems))
 
     @app.exception_handler(Exception)
     async def internal(request, error: Exception):
         return error_response(500, "internal", f"internal error: {type(error).__name__}: {error}")
 
+    default_openapi = app.openapi
+
+    def openapi():  # the predict body is read as any JSON (to name every bad input), documented as PredictRequest
+        if app.openapi_schema is None:
+            schemas = default_openapi().setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(body_schema.get("$defs", {}), PredictRequest={k: v for k, v in body_schema.items()
+                                                                         if k != "$defs"})
+        return app.openapi_schema
+
+    app.openapi = openapi
     paths = {route.path for route in app.routes}
-    app.add_middleware(_Middleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, paths=paths)
+    app.add_middleware(_Middleware, metrics=metrics, settings=settings, paths=paths)
     return app
 
 

@@ -27,6 +27,8 @@ except ImportError as missing:  # pragma: no cover  (the optional extra is not i
     raise ImportError(f"ptv2_kernels.serving.ray needs the [ray] extra: pip install 'ptv2_kernels[ray]' ({missing})") \
         from missing
 
+from .options import build_server, http_settings, parser  # noqa: E402  (after the [ray] extra's check)
+
 APP_NAME = "ptv2"
 RAY_FLAGS = ("--replicas", "--ray-address")
 
@@ -39,8 +41,6 @@ class PrefixDeployment:
 
     def __init__(self, argv: List[str], api_keys: Optional[Sequence[str]] = None):
         import dataclasses
-
-        from .cli import build_server, http_settings, parser
 
         args = parser().parse_args(list(argv))
         self.engine = build_server(args)
@@ -98,8 +98,6 @@ def _without_ray_flags(argv: Sequence[str]) -> List[str]:
 def serve_replicas(argv: Sequence[str], args) -> int:
     """``ptv2-serve --replicas N``: deploy on Ray (``--ray-address``, default a local Ray), print ``serving on
     http://HOST:PORT`` when every replica is up, wait for SIGTERM/SIGINT, shut down gracefully, return 0."""
-    from .cli import http_settings
-
     ray.init(address=args.ray_address, include_dashboard=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
