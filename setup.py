@@ -8,14 +8,17 @@ the torch already installed (the extension only loads with that torch), so disab
     PTV2_BUILD_CPU=1 pip wheel --no-build-isolation --no-deps .      # a platform wheel, CPU kernel inside
     TORCH_CUDA_ARCH_LIST="8.0;9.0" PTV2_BUILD_CUDA=1 pip install --no-build-isolation -e .
 
-CUDA (``ptv2_kernels._cuda_ext`` from ``ptv2_kernels/csrc/prefix_attention``): ``TORCH_CUDA_ARCH_LIST`` picks
-the GPU architectures compiled for (8.0 = A100, 9.0 = H100; the kernels need tensor cores with bf16, i.e.
->= 8.0); unset, torch builds for the GPUs it sees.
+The extensions are named after the torch they are compiled against (``ptv2_kernels._cpu_ext_torch_<version>``),
+so that another torch falls back to the first-use build instead of loading them.
 
-CPU (``ptv2_kernels._cpu_ext`` from ``ptv2_kernels/csrc/cpu``): a binary that may run on other machines, so no
-``-march=native``. ``PTV2_CPU_CAPABILITY`` picks the instruction set (ATen's names): ``AVX2`` (default on x86-64:
-AVX2 + FMA, every x86 server since 2013), ``AVX512`` (AVX-512 F/BW/VL/DQ) or ``DEFAULT`` (no vector extensions
-beyond the compiler's baseline; other architectures). At run time the extension is used only on a CPU that
+CUDA (``ptv2_kernels/csrc/prefix_attention``): ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures compiled
+for (8.0 = A100, 9.0 = H100; the kernels need tensor cores with bf16, i.e. >= 8.0); unset, torch builds for the
+GPUs it sees.
+
+CPU (``ptv2_kernels/csrc/cpu``): a binary that may run on other machines, so no ``-march=native``.
+``PTV2_CPU_CAPABILITY`` picks the instruction set (ATen's names): ``AVX2`` (default on x86-64: AVX2 + FMA, every
+x86 server since 2013), ``AVX512`` (AVX-512 F/BW/VL/DQ) or ``DEFAULT`` (no vector extensions beyond the
+compiler's baseline; other architectures). At run time the extension is used only on a CPU that
 has the instruction set it was built for; otherwise the kernels are compiled for the machine on first use.
 """
 

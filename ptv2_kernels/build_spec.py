@@ -8,15 +8,17 @@ torch only inside the functions that need it: ``setup.py`` loads it by path, and
 imports no torch at all.
 
 The first-use build goes to torch's extension cache (``TORCH_EXTENSIONS_DIR``, else torch's default root), in a
-directory named after everything that decides the binary (sources, flags, torch, Python and, for
-``-march=native`` builds, the CPU), so one cache can be shared by venvs and machines. Processes that start the
+directory named after everything that decides the binary (the sources and their place, flags, torch, Python and,
+for ``-march=native`` builds, the CPU), so one cache can be shared by venvs, checkouts and machines. Processes that start the
 same build at once take turns on a lock the kernel releases when a process dies: the first compiles, the others
 find it built.
 """
 
+import contextlib
 import hashlib
 import os
 import platform
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +38,9 @@ PORTABLE_CPU_FLAGS = {
 
 @dataclass(frozen=True)
 class ExtensionSpec:
-    """A compiled extension: ``module`` is its name when built ahead of time into the package, ``jit_base`` the
-    stem of its first-use build's name; ``sources`` lie in ``root/subdir``, which is also the include path."""
+    """A compiled extension: ``module`` is its name when built ahead of time into the package (tagged with the
+    torch it is compiled against, :func:`aot_module`), ``jit_base`` the stem of its first-use build's name;
+    ``sources`` lie in ``root/subdir``, which is also the include path."""
 
     module: str
     jit_base: str
@@ -71,12 +74,18 @@ class ExtensionSpec:
         return CppExtension(self.module, extra_compile_args=list(self.cxx_flags), **common)
 
     def jit_name(self) -> str:
-        """Name of the first-use build: the stem and a hash of what decides the binary, so a cache shared by
-        venvs, source versions or machines never hands one a binary built for another."""
+        """Name of the first-use build: the stem and a hash of what decides the binary (the sources and where they
+        lie, flags, torch and where it lies, Python, the machine where it matters), so a cache shared by venvs,
+        checkouts, source versions or machines never hands one a binary built for another, nor makes them
+        rebuild each other's."""
         import torch
 
         digest = hashlib.sha1()
-        for part in (self.machine, torch.__version__, sys.version, *self.cxx_flags, *self.nvcc_flags, *self.ld_flags):
+        # torch's build file names the torch headers and the sources by path: another venv or another checkout
+        # gets a build of its own instead of rewriting (and rebuilding) this one's
+        torch_install = os.path.dirname(torch.__file__)
+        for part in (self.machine, torch.__version__, torch_install, str(self.directory()), sys.version,
+                     *self.cxx_flags, *self.nvcc_flags, *self.ld_flags):
             digest.update(part.encode() + b"\0")
         for path in sorted(self.directory().iterdir()):
             if path.is_file():
@@ -123,23 +132,26 @@ class BuildError(RuntimeError):
         self.log = log
 
 
-class _exclusive:
+@contextlib.contextmanager
+def _exclusive(path: Path):
     """An exclusive ``flock`` on ``path`` for the ``with`` block (no locking where there is no ``fcntl``)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        self.file = open(self.path, "a")
+    with open(path, "a") as file:  # closing it releases the lock, also when the process dies
         try:
             import fcntl
         except ImportError:
-            return self
-        fcntl.flock(self.file, fcntl.LOCK_EX)
-        return self
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(file, fcntl.LOCK_EX)
+        yield
 
-    def __exit__(self, *exc):
-        self.file.close()  # closing releases the lock
+
+def aot_module(stem: str) -> str:
+    """``ptv2_kernels.<stem>_torch_<version>``: an extension compiled ahead of time only loads with the torch it
+    was compiled against (torch's C++ ABI changes between releases), so another torch does not find it and
+    falls back to the first-use build instead of loading a binary that does not fit."""
+    import torch
+
+    return f"ptv2_kernels.{stem}_torch_{re.sub(r'[^0-9A-Za-z]+', '_', torch.__version__)}"
 
 
 def openmp_flags() -> Tuple[str, ...]:
@@ -179,7 +191,7 @@ def cpu_spec(capability: str, portable: bool) -> ExtensionSpec:
         native = "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"
         isa = (native,) + ((f"-DCPU_CAPABILITY_{capability}",) if capability != "DEFAULT" else ())
     openmp = openmp_flags()
-    return ExtensionSpec(module="ptv2_kernels._cpu_ext", jit_base=f"ptv2_prefix_attention_cpu_{capability.lower()}",
+    return ExtensionSpec(module=aot_module("_cpu_ext"), jit_base=f"ptv2_prefix_attention_cpu_{capability.lower()}",
                          subdir="cpu", sources=("binding.cpp", "forward.cpp", "backward.cpp"),
                          cxx_flags=("-O3", *isa, *openmp), ld_flags=openmp,
                          machine="" if portable else _cpu_identity())
@@ -192,7 +204,7 @@ def cuda_spec() -> ExtensionSpec:
 
     arches = os.environ.get("TORCH_CUDA_ARCH_LIST") or " ".join(
         "%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
-    return ExtensionSpec(module="ptv2_kernels._cuda_ext", jit_base="ptv2_prefix_attention_cuda",
+    return ExtensionSpec(module=aot_module("_cuda_ext"), jit_base="ptv2_prefix_attention_cuda",
                          subdir="prefix_attention", sources=("binding.cpp", "forward.cu", "backward.cu"),
                          cxx_flags=("-O3",), nvcc_flags=("-O3", "-lineinfo"),
                          machine=arches)

@@ -187,7 +187,7 @@ def write_adapter(directory, prefix: torch.Tensor, *, task_type: str = FEATURE_E
 
 
 def model_head(model: nn.Module) -> tuple:
-    """``(PEFT task type, head module name or None)`` of a BERT/RoBERTa model: a bare base model is
+    """``(PEFT task type, head module name or None)`` of a model: a bare base model is
     ``FEATURE_EXTRACTION``; TypeError for a head PEFT prefix tuning has no task type for."""
     if model is getattr(model, "base_model", None):
         return FEATURE_EXTRACTION, None
@@ -199,11 +199,12 @@ def model_head(model: nn.Module) -> tuple:
 
 
 def export_peft_adapter(model_or_encoder, directory) -> None:
-    """Write the prefix of a patched BERT/RoBERTa model (with its task head's weights: sequence or token
-    classification, question answering) or of a bare :class:`PrefixEncoder` (no head: ``FEATURE_EXTRACTION``) as
-    a PEFT prefix-tuning adapter directory: ``PeftModel.from_pretrained(<the unpatched model>, directory)``
-    then computes what the patched model computes. The prefix must cover every layer with one task
-    (``layers=None``, ``num_tasks=1``); a reparameterized prefix is written evaluated."""
+    """Write the prefix of a patched model of a family PEFT's format covers (with its task head's weights: sequence
+    or token classification, question answering) or of a bare :class:`PrefixEncoder` (no head:
+    ``FEATURE_EXTRACTION``) as a PEFT prefix-tuning adapter directory:
+    ``PeftModel.from_pretrained(<the unpatched model>, directory)`` then computes what the patched model computes.
+    The prefix must cover every layer with one task (``layers=None``, ``num_tasks=1``); a reparameterized prefix is
+    written evaluated."""
     if isinstance(model_or_encoder, PrefixEncoder):
         encoder, model, task_type, head_name = model_or_encoder, None, FEATURE_EXTRACTION, None
     elif isinstance(model_or_encoder, nn.Module) and getattr(model_or_encoder, STATE_ATTR, None) is not None:
@@ -226,13 +227,13 @@ def export_peft_adapter(model_or_encoder, directory) -> None:
 
 def load_peft_adapter(model: nn.Module, directory, *, backend: str = "auto", freeze_backbone: bool = True
                       ) -> PrefixEncoder:
-    """Patch an unpatched BERT/RoBERTa ``model`` with the prefix of a PEFT prefix-tuning adapter directory (P from
-    the adapter, every layer) and load its task head weights into the model's head (if the adapter has them);
-    returns the attached encoder. The model then computes what ``PeftModel.from_pretrained(model, directory)``
-    computes. All or nothing: the adapter and its fit to the model are checked first; on any error
-    (``CheckpointError`` naming the file) the model is exactly as before."""
+    """Patch an unpatched ``model`` (a family PEFT's format covers) with the prefix of a PEFT prefix-tuning adapter
+    directory (P from the adapter, every layer) and load its task head weights into the model's head (if the adapter
+    has them); returns the attached encoder. The model then computes what
+    ``PeftModel.from_pretrained(model, directory)`` computes. All or nothing: the adapter and its fit to the model
+    are checked first; on any error (``CheckpointError`` naming the file) the model is exactly as before."""
     if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
-        raise TypeError(f"model must be a transformers BERT/RoBERTa model, got {type(model).__name__}")
+        raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
     if getattr(model, STATE_ATTR, None) is not None:
         raise RuntimeError(f"{type(model).__name__} is already patched; load_peft_adapter patches an unpatched model "
                            "(unpatch_model it first)")

@@ -1,13 +1,15 @@
-"""The first-use build (``ptv2_kernels/build_spec.py``): the kernel sources are found in the package, the build
-goes to ``TORCH_EXTENSIONS_DIR``, two processes that start the same first build at once both end up with a
-working extension, and a lock left by a killed build does not hang the next one. A tiny extension stands in for
-the kernels (same code path, seconds instead of a minute); CI's sdist check builds the real one from an
-installed package in two processes at once."""
+"""The packaging of the kernels: a wheel carries every kernel source, and the first-use build
+(``ptv2_kernels/build_spec.py``) finds them in the package, goes to ``TORCH_EXTENSIONS_DIR``, gets one build when
+two processes start it at once (both end up with a working extension) and does not hang on a lock left by a killed
+build. A tiny extension stands in for the kernels (same code path, seconds instead of a minute); CI's sdist check
+builds the real one from an installed package in two processes at once."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,24 @@ def test_kernel_sources_are_package_data():
         assert all(Path(path).is_relative_to(package) for path in spec.source_paths())
 
 
+def test_a_wheel_carries_every_kernel_source(tmp_path):
+    """A wheel built from the package holds every file of ``ptv2_kernels/csrc`` (the package-data patterns)."""
+    source = tmp_path / "src"
+    shutil.copytree(ROOT / "ptv2_kernels", source / "ptv2_kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                             "--wheel-dir", str(tmp_path / "dist"), str(source)], capture_output=True, text=True,
+                            timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith("PTV2_BUILD")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("ptv2_kernels-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        packed = set(archive.namelist())
+    csrc = ROOT / "ptv2_kernels" / "csrc"
+    sources = {path.relative_to(ROOT).as_posix() for path in csrc.rglob("*") if path.is_file()}
+    assert len(sources) > 10 and sources <= packed, sorted(sources - packed)
+
+
 def test_two_processes_building_at_once_both_get_the_extension(tiny_root, tmp_path):
     cache = tmp_path / "cache"
     first, second = _start(tiny_root, cache), _start(tiny_root, cache)
@@ -86,12 +106,16 @@ def test_a_lock_left_by_a_killed_build_does_not_hang(tiny_root, monkeypatch, tmp
     assert _finish(_start(tiny_root, cache)).split()[0] == "42"
 
 
-def test_changed_sources_build_apart(tiny_root, monkeypatch, tmp_path):
-    """The build's name hashes the sources and flags: an edited source (another installed version) never
-    reuses a binary built from the old one."""
+def test_changed_or_moved_sources_build_apart(tiny_root, monkeypatch, tmp_path):
+    """The build's name hashes the sources, their place and the flags: an edited source (another installed
+    version) never reuses a binary built from the old one, and another copy of the sources never rewrites this
+    one's build."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
     spec = tiny_spec(tiny_root)
     before = spec.jit_name()
     assert ExtensionSpec(**{**spec.__dict__, "cxx_flags": ("-O1",)}).jit_name() != before
     (tiny_root / "tiny" / "tiny.cpp").write_text(TINY_SOURCE.replace("42", "43"))
     assert spec.jit_name() != before
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tiny_root, elsewhere)  # the same sources in another checkout or venv
+    assert tiny_spec(elsewhere).jit_name() != spec.jit_name()

@@ -123,8 +123,20 @@ def assert_close_lists(actual, expected, **tol):
         torch.testing.assert_close(a, e, **(tol or TOL))
 
 
+def skip_where_stock_fails(model, head):
+    """Skip where the unpatched model itself fails on this transformers (found by trying it: e.g. transformers
+    5.0.0's XLM-RoBERTa and CamemBERT multiple-choice heads read a pooler output their base model lacks)."""
+    try:
+        with torch.no_grad():
+            model(**random_inputs(model, head=head))
+    except Exception as error:  # noqa: BLE001  (whatever transformers raises, the model cannot run here)
+        pytest.skip(f"transformers {transformers.__version__}: unpatched {type(model).__name__} fails: "
+                    f"{type(error).__name__}: {error}")
+
+
 def check_peft_parity(family, head, backend, train):
     model = tiny_model(family, head)
+    skip_where_stock_fails(model, head)
     peft_model, run_reference = peft_reference(model, head)
     flat = peft_prefix(peft_model)
     with torch.no_grad():

@@ -16,7 +16,8 @@ from ptv2_kernels import peft_support
 from ptv2_kernels.bench import model as bench_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-COLUMNS = {"BERT, RoBERTa": ("bert", "roberta"), "DeBERTa, DeBERTa-v2/v3": ("deberta", "deberta-v2")}
+COLUMNS = {"BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA": ("bert", "roberta", "xlm-roberta", "camembert", "electra"),
+           "DeBERTa, DeBERTa-v2/v3": ("deberta", "deberta-v2")}
 ANSWERS = {"yes": True, "no": False}
 
 

@@ -130,3 +130,17 @@ def test_reference_heads_and_backbones_that_do_not_fit_load_nothing(tmp_path):
     with pytest.raises(CheckpointError, match="head=False"):
         load_task(embedding, "x", tmp_path / "whole.bin")
     assert server.tasks() == [] and embedding.tasks() == []
+
+
+def test_families_the_reference_lacks_load_the_prefix_encoder_alone(tmp_path):
+    """The reference has no ELECTRA (nor XLM-RoBERTa, CamemBERT) model: a whole reference state dict is refused
+    (there is no backbone to check it against), the prefix encoder's state dict alone loads."""
+    server = PrefixServer(test_patch_bert.tiny_model("electra"), PREFIX_LEN, max_tasks=2)
+    reference = ReferenceLayout("bert", "ForSequenceClassification")
+    torch.save(reference.state_dict(), tmp_path / "whole.bin")
+    with pytest.raises(CheckpointError, match="the reference has no electra models"):
+        load_task(server, "x", tmp_path / "whole.bin")
+    torch.save(reference.prefix_encoder.state_dict(), tmp_path / "prefix_encoder.bin")
+    load_task(server, "prefix", tmp_path / "prefix_encoder.bin")
+    assert torch.equal(server.task_prefix("prefix").float(), reference.compact_prefix())
+    assert server.tasks() == ["prefix"]

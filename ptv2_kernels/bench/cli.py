@@ -9,10 +9,10 @@ from typing import List, Optional
 
 import torch
 
-from . import kernel, mixed_tasks, model, report, serve_http
+from . import kernel, mixed_tasks, model, overhead, report, serve_http
 from .configs import DEFAULT_MODEL, DEFAULT_SIZES, MODEL_CONFIGS, QUICK_SIZES, heads_and_dim
 
-MODES = ("kernel", "train", "serve", "all", "serve-http")
+MODES = ("kernel", "train", "serve", "all", "serve-http", "overhead")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROVIDERS = tuple(dict.fromkeys((*kernel.PROVIDERS, *model.PROVIDERS)))
 
@@ -45,7 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="kernel",
                    help="kernel: one attention layer fwd and fwd+bwd; train: one prefix-training step of a "
                         "whole model; serve: inference sequences/s incl. a mixed-task batch; all: every mode "
-                        "above; serve-http: the HTTP server under load vs the in-process engine (default: kernel)")
+                        "above; serve-http: the HTTP server under load vs the in-process engine; overhead: host "
+                        "cost per call and per patched layer, and the fused CPU kernel over a (B, N) sweep "
+                        "(default: kernel)")
     p.add_argument("--model", choices=sorted(MODEL_CONFIGS), default=DEFAULT_MODEL,
                    help=f"embedded config, random weights (default: {DEFAULT_MODEL})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -60,8 +62,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", type=_providers, default=list(PROVIDERS),
                    help=f"comma-separated subset of {', '.join(PROVIDERS)} (default: all; unavailable ones "
                         "are reported as skipped with the reason)")
-    p.add_argument("--warmup", type=_positive, help="warm-up calls before timing (CPU)")
-    p.add_argument("--repeats", type=_positive, help="timed calls, the median is reported (CPU)")
+    p.add_argument("--warmup", type=_positive, help="warm-up calls before timing")
+    p.add_argument("--repeats", type=_positive,
+                   help="timing rounds; the providers are interleaved, each round one torch.utils.benchmark "
+                        "(CPU) or do_bench (GPU) measurement, the median over the rounds is reported")
     p.add_argument("--quick", action="store_true", help="small CPU-sized shapes, under a minute")
     p.add_argument("--compile", action="store_true",
                    help="train/serve modes: also run every provider's model under torch.compile (+compile rows)")
@@ -96,6 +100,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.mode == "serve-http":
         return serve_http.main(args, device, dtype, argv)
+    if args.mode == "overhead":
+        return overhead.main(args, device, argv)
     sizes = _sizes(args, device)
     max_positions = MODEL_CONFIGS[args.model]["max_position_embeddings"]
     seq, prefix = sizes.seq_lens[0], sizes.prefix_lens[0]  # the model modes' case

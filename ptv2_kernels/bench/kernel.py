@@ -188,22 +188,27 @@ def max_error(tensors, reference, mask: torch.Tensor) -> float:
     return worst
 
 
-def run_case(case: KernelCase, bench: str, provider: str, reference: Optional[tuple], warmup: int, repeats: int):
-    """Measure one provider on one case: time (after warm-up), then peak memory of one more call, whose
-    results are checked against ``reference``. Returns (metrics dict, the checked tensors)."""
-    backward = bench == "kernel-fwdbwd"
-    x = make_inputs(case, requires_grad=backward)
-    call, checked = make_call(provider, x, backward)
-    ms = measure.time_ms(call, case.device, warmup, repeats)
+def finish_case(case: KernelCase, bench: str, provider: str, prepared, timing, reference: Optional[tuple]):
+    """Peak memory of one more call of a timed provider, whose results are checked against ``reference``;
+    ``prepared``: its ``(inputs, call, checked)``. Returns (metrics dict, the checked tensors)."""
+    x, call, checked = prepared
     result, peak = measure.peak_mb(call, case.device)
     tensors = checked(result)
     del result
+    backward = bench == "kernel-fwdbwd"
     shape = (case.batch, case.heads, case.seq, case.prefix, case.dim)
     itemsize = torch.empty((), dtype=case.dtype).element_size()
     tflops, frac = measure.roofline(measure.attention_flops(*shape, backward),
-                                    measure.attention_bytes(*shape, itemsize, backward), ms, case.device)
+                                    measure.attention_bytes(*shape, itemsize, backward), timing.ms, case.device)
     err = 0.0 if reference is None else max_error(tensors, reference, x.mask)
-    return {"ms": ms, "peak_mb": peak, "tflops": tflops, "roofline_frac": frac, "max_err": err}, tensors
+    return {"ms": timing.ms, "spread": timing.spread, "peak_mb": peak, "tflops": tflops, "roofline_frac": frac,
+            "max_err": err}, tensors
+
+
+def prepare_case(case: KernelCase, bench: str, provider: str):
+    """``(inputs, the timed call, its result -> checked tensors)`` of one provider on one case."""
+    x = make_inputs(case, requires_grad=bench == "kernel-fwdbwd")
+    return (x, *make_call(provider, x, bench == "kernel-fwdbwd"))
 
 
 def reference_outputs(case: KernelCase, bench: str):
@@ -230,9 +235,12 @@ def run(model: str, heads: int, dim: int, sizes, dtype, device, providers, progr
     for case in cases:
         for bench in BENCHES:
             reference = None if REFERENCE in runnable[bench] else reference_outputs(case, bench)
+            prepared = {p: prepare_case(case, bench, p) for p in runnable[bench]}
+            timed = measure.timings({p: call for p, (_, call, _) in prepared.items()}, device, sizes.warmup,
+                                    sizes.repeats)  # the providers interleaved
             for provider in runnable[bench]:
                 progress.step(f"{bench} {provider} N={case.seq} P={case.prefix}")
-                metrics, tensors = run_case(case, bench, provider, reference, sizes.warmup, sizes.repeats)
+                metrics, tensors = finish_case(case, bench, provider, prepared[provider], timed[provider], reference)
                 if provider == REFERENCE:
                     reference = tensors
                 rows.append(make_row(bench, provider, case.model, case.batch, case.heads, case.seq, case.prefix,

@@ -1,7 +1,12 @@
 """Timing, peak memory and the SPEC §4 roofline of one benchmarked call.
 
-Time: on a GPU ``triton.testing.do_bench`` (CUDA events, median after warm-up); on the CPU
-``time.perf_counter`` around each of ``repeats`` calls after ``warmup`` calls, median.
+Time (:func:`timings`): the providers of one case are timed interleaved, ``rounds`` rounds that each visit
+every provider in turn, so that a disturbance (other work on a shared machine) hits them alike; each round
+is one well-kept measurement, ``torch.utils.benchmark.Timer.blocked_autorange`` on the CPU (blocks of calls
+sized to the timer's resolution, at the process's thread count) and ``triton.testing.do_bench`` (CUDA
+events, L2 flushed) on a GPU. Reported: the median over the rounds and their range (the spread).
+``cpu_time=True`` times the calling thread's CPU time (``time.thread_time``) instead of the wall clock: the
+host cost of a single-threaded call, unaffected by other processes waiting for the cores.
 
 Peak memory is the most memory the call needed on top of what was allocated before it (inputs, model
 weights), in MiB. GPU: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the call.
@@ -15,7 +20,7 @@ import ctypes
 import gc
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 
@@ -25,20 +30,51 @@ BACKWARD_FLOP_FACTOR = 2.5
 _M_MMAP_THRESHOLD = -3
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median milliseconds of one call of ``fn``."""
+class Timing(NamedTuple):
+    """Milliseconds per call: median over the rounds, and the fastest and slowest round's median."""
+
+    ms: float
+    low_ms: float
+    high_ms: float
+
+    @property
+    def spread(self) -> float:
+        """Half the range of the rounds relative to the median (0.05: within about +-5%)."""
+        return (self.high_ms - self.low_ms) / 2 / self.ms
+
+
+MIN_RUN_TIME = 0.2  # seconds per round and provider on the CPU
+
+
+def _round_ms(fn: Callable[[], object], device: torch.device, cpu_time: bool) -> float:
     if device.type == "cuda":
         import triton.testing
 
         return float(triton.testing.do_bench(fn, return_mode="median"))
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(),
+                            timer=time.thread_time if cpu_time else time.perf_counter)
+    return timer.blocked_autorange(min_run_time=MIN_RUN_TIME).median * 1e3
+
+
+def timings(calls: Dict[str, Callable[[], object]], device: torch.device, warmup: int, rounds: int,
+            cpu_time: bool = False) -> Dict[str, Timing]:
+    """:class:`Timing` of each call of ``calls`` (name -> call), interleaved over ``rounds`` rounds after
+    ``warmup`` untimed calls of each (see the module docstring)."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            samples[name].append(_round_ms(fn, device, cpu_time))
+    return {name: Timing(statistics.median(s), min(s), max(s)) for name, s in samples.items()}
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median milliseconds of one call of ``fn`` (:func:`timings` of it alone, ``repeats`` rounds)."""
+    return timings({"fn": fn}, device, warmup, repeats)["fn"].ms
 
 
 class _CpuRss:

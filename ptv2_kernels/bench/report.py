@@ -11,19 +11,21 @@ from typing import Dict, List, Optional
 import torch
 import triton
 
-COLUMNS = ("bench", "provider", "model", "B", "H", "N", "P", "D", "dtype", "ms", "seq_per_s", "peak_mb",
+COLUMNS = ("bench", "provider", "model", "B", "H", "N", "P", "D", "dtype", "ms", "spread", "seq_per_s", "peak_mb",
            "tflops", "roofline_frac", "max_err")
 HEADLINE_BENCHES = ("kernel-fwd", "train-step", "serve")
 CONCAT = ("concat-sdpa", "peft")  # the concatenation baseline of kernel and model benches
 
 
 def make_row(bench, provider, model, batch, heads, seq, prefix, dim, dtype, *, ms, peak_mb, tflops=None,
-             roofline_frac=None, max_err=None) -> Dict:
+             roofline_frac=None, max_err=None, spread=None) -> Dict:
     """One ``results.json`` row: the issue 6 schema plus ``seq_per_s`` (sequences per second, 1000·B/ms),
+    ``spread`` (half the range of the timing rounds over their median, :class:`~.measure.Timing`),
     ``roofline_frac`` (fraction of the SPEC §4 floor reached, GPU) and ``max_err`` (largest error
     relative to the concatenation baseline's outputs on the same inputs)."""
     return {"bench": bench, "provider": provider, "model": model, "B": batch, "H": heads, "N": seq,
-            "P": prefix, "D": dim, "dtype": str(dtype).replace("torch.", ""), "ms": ms, "seq_per_s": 1e3 * batch / ms, "peak_mb": peak_mb,
+            "P": prefix, "D": dim, "dtype": str(dtype).replace("torch.", ""), "ms": ms, "spread": spread,
+            "seq_per_s": 1e3 * batch / ms, "peak_mb": peak_mb,
             "tflops": tflops, "roofline_frac": roofline_frac, "max_err": max_err}
 
 

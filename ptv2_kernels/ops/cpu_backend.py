@@ -46,8 +46,8 @@ def _capability() -> str:
 
 
 def _ahead_of_time() -> Tuple[Optional[object], str]:
-    """``ptv2_kernels._cpu_ext`` from ``PTV2_BUILD_CPU=1`` if installed and runnable here, else ``(None, why
-    not)`` (an empty reason where none is installed)."""
+    """The extension built by ``PTV2_BUILD_CPU=1`` for this torch if installed and runnable on this CPU, else
+    ``(None, why not)`` (an empty reason where none is installed)."""
     try:
         module = importlib.import_module(cpu_spec("DEFAULT", portable=True).module)
     except ModuleNotFoundError:

@@ -103,24 +103,25 @@ def _run_backward(backend: str, d_out, q, k, v, prefix_k, prefix_v, mask, task_i
 
 class _EagerPrefixAttention(torch.autograd.Function):
     """The eager path: the backend's forward, and its backward through autograd's C++ engine, with no custom-op
-    dispatch in between. Arguments as :func:`attend`'s."""
+    dispatch in between. The tensors that take no gradient (mask, task ids, relative index, cu_seqlens) travel
+    as one tuple beside the options (fewer arguments for ``apply`` to inspect, fewer saved tensors)."""
 
     @staticmethod
-    def forward(ctx, backend, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index,
-                cu_seqlens, options):
+    def forward(ctx, backend, options, fixed, q, k, v, prefix_k, prefix_v, bias, pos_key, pos_query):
+        mask, task_ids, rel_index, cu_seqlens = fixed
         out, lse = _run_forward(backend, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query,
                                 rel_index, cu_seqlens, options)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index,
-                              cu_seqlens, out, lse)
-        ctx.backend, ctx.options = backend, options
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, bias, pos_key, pos_query, out, lse)
+        ctx.backend, ctx.options, ctx.fixed = backend, options, fixed
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        *inputs, out, lse = ctx.saved_tensors
-        wants = ctx.needs_input_grad[8:11]  # bias, pos_key, pos_query
-        grads = _run_backward(ctx.backend, d_out, *inputs, out, lse, ctx.options, wants)
-        return (None, *grads[:5], None, None, *grads[5:], None, None, None)
+        q, k, v, prefix_k, prefix_v, bias, pos_key, pos_query, out, lse = ctx.saved_tensors
+        mask, task_ids, rel_index, cu_seqlens = ctx.fixed
+        grads = _run_backward(ctx.backend, d_out, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key,
+                              pos_query, rel_index, cu_seqlens, out, lse, ctx.options, ctx.needs_input_grad[8:])
+        return (None, None, None, *grads)
 
 
 def draw_seed() -> Tensor:
@@ -232,17 +233,19 @@ def attend(backend: str, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_
     """Run one validated call on ``backend`` (a key of :data:`~ptv2_kernels.ops.dispatch.BACKENDS`): the output,
     differentiable in q, k, v, the prefix, and (where given) bias and the relative embeddings.
     ``options.dropout.seed``: an int or a 0-dim int64 tensor (from :func:`dropout_seed`). Eager calls run the
-    :class:`_EagerPrefixAttention` function (no autograd node when nothing needs a gradient), traced calls the
-    registered op."""
+    :class:`_EagerPrefixAttention` function (or, when nothing needs a gradient, the backend's forward alone),
+    traced calls the registered op."""
     if backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be one of {tuple(dispatch.BACKENDS)}, got {backend!r}")
     if not torch.compiler.is_compiling():
         if isinstance(options.dropout.seed, Tensor):
             options = replace(options, dropout=replace(options.dropout, seed=int(options.dropout.seed)))
-        args = (q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query, rel_index, cu_seqlens, options)
-        if torch.is_grad_enabled():
-            return _EagerPrefixAttention.apply(backend, *args)
-        return _run_forward(backend, *args)[0]
+        differentiable = (q, k, v, prefix_k, prefix_v, bias, pos_key, pos_query)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+            return _EagerPrefixAttention.apply(backend, options, (mask, task_ids, rel_index, cu_seqlens),
+                                               *differentiable)
+        return _run_forward(backend, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, pos_key, pos_query,
+                            rel_index, cu_seqlens, options)[0]
     seed = options.dropout.seed
     if not isinstance(seed, Tensor):
         seed = torch.tensor(seed, dtype=torch.int64)

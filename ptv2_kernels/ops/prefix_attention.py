@@ -12,9 +12,10 @@ from .cpu_backend import use_cpu_kernel
 from .disentangled import DisentangledBias, bias_matrix
 from .library import attend, draw_seed, dropout_seed
 from .torch_ref_backend import pad_packed
-from .validation import (KERNEL_DTYPES, KERNEL_HEAD_DIMS, TORCH_DTYPES, Support, check_cu_seqlens,
-                         check_disentangled, check_dtypes_and_devices, check_flag, check_padded_call, check_prefix,
-                         check_probability, check_qkv, check_scale, check_task_ids, prefix_bank)
+from .validation import (KERNEL_DTYPES, KERNEL_HEAD_DIMS, PASSED, TORCH_DTYPES, PaddedCall, Support,
+                         check_cu_seqlens, check_disentangled, check_dtypes_and_devices, check_flag, check_padded_call,
+                         check_prefix, check_probability, check_qkv, check_scale, check_task_ids, prefix_bank,
+                         structure)
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch-ref")
 OLD_NAMES = ("torch",)  # still accepted: cpu on CPU tensors, torch-ref on others
@@ -157,11 +158,35 @@ def prefix_attention(
     reaches another batch row, the rows of another bank task, or another task's prefix gradient (a
     shared prefix's gradient sums every row's).
     """
-    check_qkv(q, k, v)
+    backend, call, deterministic = _check_padded(
+        q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, task_ids=task_ids, scale=scale,
+        dropout_p=dropout_p, prefix_dropout_p=prefix_dropout_p, backend=backend, deterministic=deterministic,
+        attn_bias=attn_bias, disentangled_bias=disentangled_bias)
+    return _attend_padded(backend, q, k, v, call, deterministic)
+
+
+def _check_padded(q, k, v, prefix_k, prefix_v, *, key_padding_mask=None, task_ids=None, scale=None, dropout_p=0.0,
+                  prefix_dropout_p=0.0, backend="auto", deterministic=False, attn_bias=None, disentangled_bias=None):
+    """Every check of a :func:`prefix_attention` call (those its :func:`~.validation.structure` passed before
+    only as far as values go): ``(resolved backend, checked PaddedCall, deterministic)``."""
+    key = structure(backend, q, k, v, prefix_k, prefix_v, key_padding_mask, task_ids, attn_bias, disentangled_bias)
+    known = key in PASSED  # this structure passed every structural check before: values and normalisation only
+    if not known:
+        check_qkv(q, k, v)
     backend = resolve_backend(backend, q.device)
     call = check_padded_call(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask, task_ids=task_ids,
                              attn_bias=attn_bias, disentangled_bias=disentangled_bias, scale=scale,
-                             dropout_p=dropout_p, prefix_dropout_p=prefix_dropout_p, support=backend_support(backend))
+                             dropout_p=dropout_p, prefix_dropout_p=prefix_dropout_p, support=backend_support(backend),
+                             known=known)
+    deterministic = check_flag("deterministic", deterministic)
+    if not known:
+        PASSED.add(key)
+    return backend, call, deterministic
+
+
+def _attend_padded(backend: str, q, k, v, call: PaddedCall, deterministic: bool) -> torch.Tensor:
+    """Run a checked padded call: draw its dropout seed, materialise DeBERTa's terms where the backend needs
+    them, and attend."""
     prefix_k, prefix_v, mask, task_ids = call.prefix_k, call.prefix_v, call.mask, call.task_ids
     bias, disentangled = call.bias, call.disentangled
     options = _options(q, call.scale, call.dropout_p, call.prefix_dropout_p, deterministic)
@@ -177,6 +202,36 @@ def prefix_attention(
         bias, disentangled = relative if bias is None else bias + relative, None
     rel = (None, None, None) if disentangled is None else disentangled.tensors
     return attend(backend, q, k, v, prefix_k, prefix_v, mask, task_ids, bias, *rel, None, options)
+
+
+def prefix_attention_checked_once(state: dict, q, k, v, prefix_k, prefix_v, **kwargs) -> torch.Tensor:
+    """:func:`prefix_attention` for the layers of one model forward, ``state`` a dict the forward keeps (a
+    patched model's :class:`~ptv2_kernels.patching.base.PrefixCall`), so that the model checks once per forward
+    instead of once per layer: the first call takes every check; a later call whose q, k, v and prefix have the
+    first one's :func:`~.validation.structure` and whose other arguments are the same tensors and equal values
+    skips them all and reuses the first call's checked mask, task ids and scalars (with its own prefix and a
+    fresh dropout seed). Calls with a bias or DeBERTa's terms (new tensors in every layer), and traced calls
+    (checked once at trace time anyway), take the op itself."""
+    if (torch.compiler.is_compiling() or kwargs.get("attn_bias") is not None
+            or kwargs.get("disentangled_bias") is not None):
+        return prefix_attention(q, k, v, prefix_k, prefix_v, **kwargs)
+    key = structure(q, k, v, prefix_k, prefix_v)
+    first = state.get("first")
+    if first is None or key is None or key != first[0] or not _same_arguments(kwargs, first[1]):
+        backend, call, deterministic = _check_padded(q, k, v, prefix_k, prefix_v, **kwargs)
+        state["first"] = key, kwargs, (backend, call, deterministic)
+    else:
+        backend, call, deterministic = first[2]
+        bank_k, bank_v = prefix_bank(prefix_k, prefix_v)
+        call = call._replace(prefix_k=bank_k, prefix_v=bank_v)
+    return _attend_padded(backend, q, k, v, call, deterministic)
+
+
+def _same_arguments(a: dict, b: dict) -> bool:
+    """The same keywords with the same tensors (identity) and equal values of the same types."""
+    return a.keys() == b.keys() and all(
+        x is y or (type(x) is type(y) and not isinstance(x, torch.Tensor) and x == y) for x, y in
+        ((a[name], b[name]) for name in a))
 
 
 def prefix_attention_varlen(

@@ -15,6 +15,11 @@ device-side assertion, a ``RuntimeError``, at the next synchronisation). Callers
 ``ValueError`` on CUDA check once per forward on the host, e.g. with :func:`check_task_id_values`.
 Every check takes ``sync_free`` (default: ``True`` off the CPU) so the device path is testable on CPU
 tensors. Under ``torch.compile`` every value check is sync-free (a traced graph cannot read values).
+
+Nothing is checked twice that the structure of a call decides: :func:`structure` is a key of the arguments'
+shapes, strides, dtypes and devices (and the backend string), and a call whose key has passed before
+(:data:`PASSED`) skips the structural checks (``known=True``) and keeps only the value checks and the
+normalisation. Eager calls only: under ``torch.compile`` the checks are traced once into guards anyway.
 """
 
 import math
@@ -66,6 +71,52 @@ def require(ok: torch.Tensor, message: str, sync_free: bool) -> bool:
         torch._assert_async(ok, message)
         return True
     return bool(ok)
+
+
+class _PassedStructures:
+    """The :func:`structure` keys of calls whose structural checks passed (at most ``limit``, then forgotten
+    all at once: a serving loop over many sequence lengths never grows it without bound)."""
+
+    def __init__(self, limit: int = 1024):
+        self.limit, self._keys = limit, set()
+
+    def __contains__(self, key) -> bool:
+        return key is not None and key in self._keys
+
+    def add(self, key) -> None:
+        if key is None:
+            return
+        if len(self._keys) >= self.limit:
+            self._keys.clear()
+        self._keys.add(key)
+
+    def clear(self) -> None:
+        self._keys.clear()
+
+
+PASSED = _PassedStructures()
+
+
+def structure(*args) -> Optional[tuple]:
+    """The key of a call's structure: ``(shape, strides, dtype, device)`` of each tensor argument, a
+    :class:`DisentangledBias` as its fields, None, strings and ints as they are. None (never remembered) while
+    ``torch.compile`` traces or if an argument is anything else: such a call takes every check."""
+    if torch.compiler.is_compiling():
+        return None
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.shape, a.stride(), a.dtype, a.device))
+        elif a is None or type(a) in (str, int):
+            key.append(a)
+        elif type(a) is DisentangledBias:
+            fields = structure(a.pos_key, a.pos_query, a.index, a.rows)
+            if fields is None:
+                return None
+            key.append(fields)
+        else:
+            return None
+    return tuple(key)
 
 
 def check_qkv(q, k, v, layout: str = "[B, H, N, D]") -> None:
@@ -128,10 +179,11 @@ def prefix_bank(prefix_k: torch.Tensor, prefix_v: torch.Tensor):
     return prefix_k.contiguous(), prefix_v.contiguous()
 
 
-def check_mask(q, mask) -> Optional[torch.Tensor]:
-    """``key_padding_mask`` ``[B, N]`` bool (True = real token) on q's device, returned contiguous."""
-    if mask is None:
-        return None
+def check_mask(q, mask, known: bool = False) -> Optional[torch.Tensor]:
+    """``key_padding_mask`` ``[B, N]`` bool (True = real token) on q's device, returned contiguous (``known``:
+    its structure passed before, only the normalisation runs)."""
+    if mask is None or known:
+        return None if mask is None else mask.contiguous()
     _tensor("key_padding_mask", mask, optional=True)
     if mask.dtype != torch.bool:
         raise TypeError(f"key_padding_mask must be a bool tensor (True = real token), got dtype {mask.dtype}: "
@@ -143,10 +195,16 @@ def check_mask(q, mask) -> Optional[torch.Tensor]:
     return mask.contiguous()
 
 
-def check_task_ids(q, batch: int, prefix_k, task_ids, sync_free: Optional[bool] = None) -> Optional[torch.Tensor]:
+def check_task_ids(q, batch: int, prefix_k, task_ids, sync_free: Optional[bool] = None,
+                   known: bool = False) -> Optional[torch.Tensor]:
     """``task_ids`` ``[B]`` int64/int32 on q's device, required with (and only with) a bank ``prefix_k``
     ``[T, H, P, D]``, values in ``[0, T)``; returned contiguous int64. Sync-free off the CPU (see the
-    module docstring)."""
+    module docstring). ``known``: the structure passed before; only the values are checked."""
+    if known:
+        if task_ids is not None:
+            check_task_id_values(task_ids, prefix_k.shape[0], sync_free)
+            task_ids = task_ids.to(torch.int64).contiguous()
+        return task_ids
     is_bank = prefix_k.dim() == 4
     if task_ids is None:
         if is_bank:
@@ -176,11 +234,13 @@ def check_task_id_values(task_ids: torch.Tensor, num_tasks: int, sync_free: Opti
         raise ValueError(f"{expected}, got values in [{int(task_ids.min())}, {int(task_ids.max())}]")
 
 
-def check_bias(q, bias) -> Optional[torch.Tensor]:
+def check_bias(q, bias, known: bool = False) -> Optional[torch.Tensor]:
     """``attn_bias`` ``[B, H, N, N]`` (or broadcastable to it), floating, on q's device; returned expanded
-    (a view, any strides)."""
+    (a view, any strides). ``known``: the structure passed before; only the expansion runs."""
     if bias is None:
         return None
+    if known:
+        return bias.expand(q.shape[0], q.shape[1], q.shape[2], q.shape[2])
     _tensor("attn_bias", bias, optional=True)
     if not bias.is_floating_point():
         raise TypeError(f"attn_bias must be a floating-point tensor, got dtype {bias.dtype}")
@@ -264,12 +324,18 @@ def check_cu_seqlens(q, cu_seqlens, max_seqlen, sync_free: Optional[bool] = None
     return cu_seqlens.to(torch.int64).contiguous(), max_seqlen
 
 
-def check_disentangled(q, bias, sync_free: Optional[bool] = None) -> Optional[DisentangledBias]:
+def check_disentangled(q, bias, sync_free: Optional[bool] = None, known: bool = False) -> Optional[DisentangledBias]:
     """``disentangled_bias`` against q ``[B, H, N, D]``; returns it with contiguous embeddings (small) or
     None. The index is checked against ``R`` through ``bias.rows`` when known, else by its values
-    (sync-free off the CPU, see the module docstring)."""
+    (sync-free off the CPU, see the module docstring). ``known``: the structure passed before; only the index
+    values are checked."""
     if bias is None:
         return None
+    if known:
+        if bias.rows is None:
+            _check_index_values(bias.index, (bias.pos_key if bias.pos_key is not None else bias.pos_query).shape[1],
+                                sync_free)
+        return _contiguous(bias)
     if not isinstance(bias, DisentangledBias):
         raise TypeError(f"disentangled_bias must be a DisentangledBias or None, got {type(bias).__name__}")
     _, heads, seq, dim = q.shape
@@ -309,12 +375,20 @@ def check_disentangled(q, bias, sync_free: Optional[bool] = None) -> Optional[Di
             raise ValueError(f"disentangled_bias embeddings have R={rows[0]} rows but its index reaches row "
                              f"{bias.rows - 1} (2·span rows are needed)")
     else:
-        in_range = ((index >= 0) & (index < rows[0])).all()
-        expected = f"disentangled_bias.index must lie in [0, R={rows[0]})"
-        if not require(in_range, expected, is_sync_free(index, sync_free)):
-            raise ValueError(f"{expected}, got values in [{int(index.min())}, {int(index.max())}]")
+        _check_index_values(index, rows[0], sync_free)
+    return _contiguous(bias)
+
+
+def _check_index_values(index: torch.Tensor, rows: int, sync_free: Optional[bool]) -> None:
+    in_range = ((index >= 0) & (index < rows)).all()
+    expected = f"disentangled_bias.index must lie in [0, R={rows})"
+    if not require(in_range, expected, is_sync_free(index, sync_free)):
+        raise ValueError(f"{expected}, got values in [{int(index.min())}, {int(index.max())}]")
+
+
+def _contiguous(bias: DisentangledBias) -> DisentangledBias:
     return DisentangledBias(*(None if t is None else t.contiguous() for t in (bias.pos_key, bias.pos_query)),
-                            index.contiguous(), bias.rows)
+                            bias.index.contiguous(), bias.rows)
 
 
 class PaddedCall(NamedTuple):
@@ -333,15 +407,17 @@ class PaddedCall(NamedTuple):
 
 
 def check_padded_call(q, k, v, prefix_k, prefix_v, *, key_padding_mask, task_ids, attn_bias, disentangled_bias,
-                      scale, dropout_p, prefix_dropout_p, support: Support) -> PaddedCall:
+                      scale, dropout_p, prefix_dropout_p, support: Support, known: bool = False) -> PaddedCall:
     """Every argument of a padded ``prefix_attention``-style call but q, k, v themselves (checked first
-    with :func:`check_qkv`, so that the backend can be chosen from q's device)."""
-    check_prefix(q, prefix_k, prefix_v)
-    check_dtypes_and_devices(q, {"k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}, support)
-    mask = check_mask(q, key_padding_mask)
-    task_ids = check_task_ids(q, q.shape[0], prefix_k, task_ids)
-    bias = check_bias(q, attn_bias)
-    disentangled = check_disentangled(q, disentangled_bias)
+    with :func:`check_qkv`, so that the backend can be chosen from q's device). ``known``: the call's
+    :func:`structure` passed before (:data:`PASSED`): only the value checks and the normalisation run."""
+    if not known:
+        check_prefix(q, prefix_k, prefix_v)
+        check_dtypes_and_devices(q, {"k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}, support)
+    mask = check_mask(q, key_padding_mask, known)
+    task_ids = check_task_ids(q, q.shape[0], prefix_k, task_ids, known=known)
+    bias = check_bias(q, attn_bias, known)
+    disentangled = check_disentangled(q, disentangled_bias, known=known)
     dropout_p = check_probability("dropout_p", dropout_p)
     prefix_dropout_p = check_probability("prefix_dropout_p", prefix_dropout_p)
     scale = check_scale(scale, q.shape[-1])

@@ -66,9 +66,10 @@ class _RoutedAttention:
 class BertLike(ModelFamily):
     """The BERT layout, which RoBERTa, XLM-RoBERTa, CamemBERT and ELECTRA share:
     ``base.encoder.layer[i].attention.self`` (``query``/``key``/``value``, routed through the ``AttentionInterface``),
-    absolute positions in ``base.embeddings``. ``BertLike(model_type, "Prefix")`` names transformers' ``modeling_<model_type>`` classes
-    ``PrefixModel``, ``PrefixSelfAttention`` and ``PrefixEmbeddings``; ``positions_after_padding_idx`` selects
-    RoBERTa's numbering, ``sequence_head`` how its sequence classifier reads a sequence."""
+    absolute positions in ``base.embeddings``. ``BertLike(model_type, "Prefix")`` names transformers'
+    ``modeling_<model_type>`` classes ``PrefixModel``, ``PrefixSelfAttention`` and ``PrefixEmbeddings``;
+    ``positions_after_padding_idx`` selects RoBERTa's numbering, ``sequence_head`` how its sequence classifier
+    reads a sequence."""
 
     def __init__(self, name: str, class_prefix: str, *, positions_after_padding_idx: bool = False,
                  sequence_head: str = FIRST_TOKEN, reference_backbone: Optional[str] = None):

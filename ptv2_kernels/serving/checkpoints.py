@@ -8,7 +8,7 @@ Formats:
   safetensors file of its head weights when it has its own);
 - a PEFT 0.21 prefix-tuning adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``
   with ``prompt_embeddings`` ``[P, 2·L·hidden]`` and, for classification, ``base_model.classifier.*``);
-  BERT/RoBERTa only: PEFT refuses DeBERTa (no ``past_key_values``);
+  every family but DeBERTa (``ModelFamily.peft_format_covers``: PEFT refuses DeBERTa);
 - a P-Tuning v2 reference (THUDM) checkpoint: the prefix encoder's state dict (``embedding.weight``
   ``[P, 2·L·hidden]``, or with projection ``embedding.weight`` ``[P, hidden]``, ``trans.0.*``, ``trans.2.*``), or
   the reference model's whole state dict (``prefix_encoder.*`` beside the frozen backbone ``bert.*`` /
@@ -198,7 +198,7 @@ def read_bank(server, directory) -> Dict[str, TaskCheckpoint]:
 # ---- PEFT adapters (the format lives in ptv2_kernels.peft_adapter) -------------------------------------------
 def read_peft_adapter(server, directory) -> TaskCheckpoint:
     """A PEFT prefix-tuning adapter directory (``prompt_embeddings`` and classifier weights, if any), checked
-    against the server: BERT/RoBERTa, its depth, heads, width, P and kind of head."""
+    against the server: its family, depth, heads, width, P and kind of head."""
     served = server.prefix_config
     adapter = read_adapter(
         directory, model_type=server.model.config.model_type, num_layers=served.num_hidden_layers,

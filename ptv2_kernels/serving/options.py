@@ -39,8 +39,8 @@ def _positive(kind):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptv2-serve", description="Serve prefix-tuned (P-Tuning v2) tasks on one frozen "
-                                "BERT/RoBERTa/DeBERTa over HTTP: POST /v1/predict, GET /v1/tasks, /health, /ready, "
-                                "/metrics, /docs.")
+                                "encoder (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DeBERTa) over HTTP: POST "
+                                "/v1/predict, GET /v1/tasks, /health, /ready, /metrics, /docs.")
     p.add_argument("--model", required=True, help="transformers model directory or hub name (the frozen backbone)")
     p.add_argument("--output", choices=tuple(AUTO_CLASSES), default=SEQUENCE_CLASSIFICATION,
                    help="model head (default: sequence-classification)")
