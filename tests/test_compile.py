@@ -21,6 +21,8 @@ from .test_prefix_attention import make_inputs
 FAMILIES = {  # name -> (tiny model(**config overrides), random inputs(model, seq=N))
     "bert": (lambda **o: bert.tiny_model("bert", **o), bert.random_inputs),
     "roberta": (lambda **o: bert.tiny_model("roberta", **o), bert.random_inputs),
+    "xlm-roberta": (lambda **o: bert.tiny_model("xlm-roberta", **o), bert.random_inputs),
+    "electra": (lambda **o: bert.tiny_model("electra", **o), bert.random_inputs),
     "deberta": (lambda **o: deberta.tiny_model("v1", **o), deberta.random_inputs),
     "deberta-v2": (lambda **o: deberta.tiny_model("v2-share-buckets", **o), deberta.random_inputs),
 }
