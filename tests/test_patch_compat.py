@@ -29,6 +29,7 @@ from transformers.models.xlm_roberta import modeling_xlm_roberta
 
 from ptv2_kernels import patch_model, unpatch_model
 from ptv2_kernels.patching import bert as patching_bert
+from ptv2_kernels.patching import patch_state
 
 from . import test_patch_deberta as deberta_tests
 from .prefix_references import dynamic_cache_outputs, prefix_cache
@@ -299,6 +300,7 @@ def test_patched_model_copies(family, how):
     task_ids = torch.tensor([1, 0, 1])
     logits = model(**inputs, task_ids=task_ids).logits
     clone = COPIES[how](model)
+    assert patch_state(clone).family is patch_state(model).family  # the registered family, not a copy of it
     assert torch.equal(clone(**inputs, task_ids=task_ids).logits, logits)
     with torch.no_grad():
         clone.prefix_encoder.prefix.add_(1.0)

@@ -120,9 +120,6 @@ class ModelFamily(abc.ABC):
     peft_format_covers = True
     reference_backbone: Optional[str] = None  # where the P-Tuning v2 reference's model holds the backbone
 
-    def __reduce__(self):  # pickles (patched models, their hooks) refer to the registered family
-        return _registered_family, (self.name,)
-
     def _module(self):
         return importlib.import_module(self.module_path)
 
@@ -210,12 +207,6 @@ class ModelFamily(abc.ABC):
     def packed_conv(self, base_model: nn.Module) -> Optional[nn.Module]:
         """A convolution the encoder applies after its first layer (DeBERTa-v2's ``ConvLayer``), or None."""
         return None
-
-
-def _registered_family(name: str) -> "ModelFamily":
-    from .registry import family_named
-
-    return family_named(name)
 
 
 def _shift_positions(positions: Positions, embeddings, args, kwargs):

@@ -2,6 +2,8 @@
 one table from model type to patch function). Adding a family is one module implementing
 :class:`~ptv2_kernels.patching.base.ModelFamily` and one line here."""
 
+import copyreg
+
 from torch import nn
 
 from .base import ModelFamily
@@ -11,6 +13,15 @@ from .electra import ELECTRA
 from .xlm_roberta import CAMEMBERT, XLM_ROBERTA
 
 FAMILIES = {family.name: family for family in (BERT, ROBERTA, XLM_ROBERTA, CAMEMBERT, ELECTRA, DEBERTA, DEBERTA_V2)}
+
+
+def _pickled_by_name(family: ModelFamily):
+    """Pickles (patched models, their hooks) and deep copies refer to the registered family by its name."""
+    return family_named, (family.name,)
+
+
+for family_class in {type(family) for family in FAMILIES.values()}:
+    copyreg.pickle(family_class, _pickled_by_name)
 
 
 def _supported() -> str:
