@@ -257,22 +257,30 @@ class _Middleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status, raised = time.perf_counter(), [], True
+        start, status, counted, raised = time.perf_counter(), [], [], True
+
+        def count(answered: str):
+            """The request's metrics, once: when its answer ends, or when it ends unanswered."""
+            if counted:
+                return
+            counted.append(answered)
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.paths else "other")
+            self.metrics.requests.labels(endpoint, answered).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
         async def send_status(message):
             if message["type"] == "http.response.start":
                 status.append(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                count(str(status[0]))  # before the client can read its answer's end (and ask /metrics next)
             await send(message)
 
         try:
             await self._limited(scope, receive, send_status, status)
             raised = False
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.paths else "other")
-            answered = str(status[0]) if status else "500" if raised else "499"
-            self.metrics.requests.labels(endpoint, answered).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            count(str(status[0]) if status else "500" if raised else "499")
 
     async def _limited(self, scope, receive, send, started):
         """Read the whole body first (at most ``max_body_bytes``; FastAPI would read it anyway), then run the app
