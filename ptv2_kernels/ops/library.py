@@ -60,6 +60,12 @@ def _qkv_layout(t: Tensor, packed: bool) -> Tensor:
     return t if t.stride() == expected else _new_qkv(t, packed).copy_(t)
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; ``t`` itself when it already is (``Tensor.to`` costs ~1 µs of host time even then, and
+    a call casts up to seven results)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
@@ -79,7 +85,7 @@ def _run_forward(backend: str, q, k, v, prefix_k, prefix_v, mask, task_ids, bias
     """``(out, lse)`` of one call in the op's layouts (lse empty where the backend keeps none)."""
     out, lse = dispatch.forward(backend)(q, k, v, prefix_k, prefix_v, mask, task_ids, bias,
                                          _relative(pos_key, pos_query, rel_index), cu_seqlens, options)
-    lse = q.new_empty(0, dtype=_lse_dtype(q)) if lse is None else lse.to(_lse_dtype(q))
+    lse = q.new_empty(0, dtype=_lse_dtype(q)) if lse is None else _cast(lse, _lse_dtype(q))
     return _qkv_layout(out, cu_seqlens is not None), lse
 
 
@@ -92,9 +98,9 @@ def _run_backward(backend: str, d_out, q, k, v, prefix_k, prefix_v, mask, task_i
                                        _relative(pos_key, pos_query, rel_index), cu_seqlens, out,
                                        lse if lse.numel() else None, options, wants[0], wants[1:])
     packed = cu_seqlens is not None
-    result = [_qkv_layout(g.to(q.dtype), packed) for g in grads[:3]]
-    result += [grads[3].to(prefix_k.dtype).contiguous(), grads[4].to(prefix_v.dtype).contiguous()]
-    result += [g.to(like.dtype).contiguous() if wanted else None
+    result = [_qkv_layout(_cast(g, q.dtype), packed) for g in grads[:3]]
+    result += [_cast(grads[3], prefix_k.dtype).contiguous(), _cast(grads[4], prefix_v.dtype).contiguous()]
+    result += [_cast(g, like.dtype).contiguous() if wanted else None
                for g, like, wanted in zip(grads[5:], (bias, pos_key, pos_query), wants)]
     return result
 
